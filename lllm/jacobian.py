@@ -1,0 +1,219 @@
+"""The Jacobian engine: detached (J⁺) and ordinary Jacobians of the last output embedding.
+
+y = f(x), x: (T, d) input embeddings, y: (d,) the final hidden state after the final norm at
+`position`. With the nonlinearities frozen, f is homogeneous of order 1 in (x, biases), so
+y = Σᵢ J⁺ᵢ xᵢ + c, where c is the pushforward of the bias parameters themselves (zero for models
+without biases). J is computed by batched reverse mode over chunks of output rows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from .errors import LinearizationError, MemoryBudgetError, PromptError
+from .linearize import detached
+
+# Largest reconstruction error that a complete linearization can show, by dtype; above it a
+# nonlinearity escaped the patches and the result is refused rather than returned.
+SELF_CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 1e-1, torch.float16: 5e-2}
+
+
+@dataclass
+class JacobianResult:
+    """J⁺ of one output embedding with respect to every input embedding, with what it reconstructs."""
+
+    jacobian: torch.Tensor  # (d_out, T, d_in): the blocks J⁺ᵢ = jacobian[:, i, :]
+    inputs: torch.Tensor  # (T, d_in): x, input embeddings as the model sees them (Gemma's √d included)
+    output: torch.Tensor  # (d_out,): y, the last-position hidden state after the final norm
+    bias: torch.Tensor | None  # (d_out,) or None: c in y = Σ J⁺ᵢ xᵢ + c, from a JVP over the biases
+    token_ids: list[int]
+    tokens: list[str]
+    detached: bool = True
+    position: int = -1
+    mlp_split: str = "activation"
+    seconds: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    def reconstruction(self) -> torch.Tensor:
+        """Σᵢ J⁺ᵢ xᵢ (+ c): (d_out,)."""
+        y_hat = torch.einsum("otd,td->o", self.jacobian, self.inputs)
+        return y_hat if self.bias is None else y_hat + self.bias
+
+    @property
+    def relative_error(self) -> float:
+        """std(y − Σᵢ J⁺ᵢ xᵢ − c) / std(y)."""
+        return relative_error(self.output, self.reconstruction())
+
+    def block(self, i: int) -> torch.Tensor:
+        """J⁺ᵢ, the (d_out, d_in) matrix of token i (negative indices count from the end)."""
+        return self.jacobian[:, i, :]
+
+    @property
+    def combined(self) -> torch.Tensor:
+        """[J⁺₀ … J⁺_T]: the token-combined (d_out, T·d_in) matrix."""
+        return self.jacobian.reshape(self.jacobian.shape[0], -1)
+
+
+def relative_error(y: torch.Tensor, y_hat: torch.Tensor) -> float:
+    """std(y − ŷ)/std(y), the paper's reconstruction error."""
+    return float((y - y_hat).std(correction=0) / y.std(correction=0))
+
+
+def tokenize(tokenizer, prompt_or_ids: str | Sequence[int] | torch.Tensor) -> list[int]:
+    """Token ids for a prompt (with the tokenizer's own special tokens) or ids passed through."""
+    if isinstance(prompt_or_ids, str):
+        if not prompt_or_ids.strip():
+            raise PromptError("the prompt is empty; give at least one token of text (or token ids)")
+        ids = tokenizer(prompt_or_ids)["input_ids"]
+    else:
+        ids = [int(i) for i in torch.as_tensor(prompt_or_ids).reshape(-1).tolist()]
+    if len(ids) == 0:
+        raise PromptError("the prompt has no tokens")
+    return ids
+
+
+def embed(model: nn.Module, token_ids: Sequence[int]) -> torch.Tensor:
+    """x: (T, d) input embeddings through the model's own embedding module (Gemma's √d scale included)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    bad = [i for i in token_ids if not 0 <= i < vocab]
+    if bad:
+        raise PromptError(f"token ids {bad[:5]} are outside the vocabulary (size {vocab})")
+    ids = torch.tensor([list(token_ids)], device=model.device)
+    with torch.no_grad():
+        return model.get_input_embeddings()(ids)[0].detach()
+
+
+def final_hidden(model: nn.Module, x: torch.Tensor, position: int = -1) -> torch.Tensor:
+    """y: (d,) the hidden state at `position` after the final norm, for inputs x: (T, d)."""
+    out = model.get_decoder()(inputs_embeds=x[None], use_cache=False)
+    return out.last_hidden_state[0, position]  # (d,)
+
+
+def bias_term(model: nn.Module, x: torch.Tensor, position: int = -1) -> torch.Tensor | None:
+    """c: (d,), the detached Jacobian w.r.t. every bias applied to the biases (one JVP), or None.
+
+    Must be called inside `detached(model)`. With the nonlinearities frozen the network is jointly
+    homogeneous in (x, biases), so y = J⁺x + J_b b; c = J_b b is computed independently of y.
+    """
+    decoder = model.get_decoder()
+    biases = {n: p for n, p in decoder.named_parameters() if n.endswith(".bias")}
+    if not biases:
+        return None
+    with fwAD.dual_level():
+        duals = {n: fwAD.make_dual(p.detach(), p.detach()) for n, p in biases.items()}
+        out = functional_call(decoder, duals, args=(), kwargs={"inputs_embeds": x[None], "use_cache": False})
+        tangent = fwAD.unpack_dual(out.last_hidden_state).tangent
+    return tangent[0, position].detach()
+
+
+def estimate_jacobian_bytes(model: nn.Module, n_tokens: int, chunk_size: int, dtype: torch.dtype) -> int:
+    """A conservative peak-memory estimate (bytes) of one batched reverse-mode Jacobian."""
+    cfg = model.config
+    d, layers = cfg.hidden_size, cfg.num_hidden_layers
+    inter = getattr(cfg, "intermediate_size", 4 * d)
+    heads = cfg.num_attention_heads
+    item = torch.finfo(dtype).bits // 8
+    per_token = 16 * d + 6 * inter + 4 * heads * n_tokens  # saved activations of one layer, one token
+    forward = layers * n_tokens * per_token * item  # the graph kept for every chunk
+    backward = 3 * chunk_size * n_tokens * per_token * item  # gradient buffers of one layer, per row
+    result = d * n_tokens * d * item  # J itself
+    return forward + backward + result + chunk_size * n_tokens * d * item
+
+
+def check_fits(model: nn.Module, n_tokens: int, chunk_size: int, dtype: torch.dtype) -> None:
+    """Refuse, with a clear message, a prompt whose Jacobian would not fit in memory."""
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and n_tokens > max_pos:
+        raise PromptError(f"the prompt has {n_tokens} tokens, more than the model's {max_pos} positions")
+    need = estimate_jacobian_bytes(model, n_tokens, chunk_size, dtype)
+    available = psutil.virtual_memory().available
+    if need > 0.8 * available:
+        raise MemoryBudgetError(
+            f"a {n_tokens}-token Jacobian needs about {need / 2**30:.1f} GiB (chunk_size={chunk_size}) but only "
+            f"{available / 2**30:.1f} GiB are available. Use a shorter prompt, a smaller chunk_size, or the "
+            "matrix-free top-k SVD (lllm.matfree), which never materializes J."
+        )
+
+
+def default_chunk_size(d_out: int) -> int:
+    """64 rows per batched backward: measured faster and leaner than all rows at once."""
+    return min(64, d_out)
+
+
+def reverse_jacobian(y: torch.Tensor, x: torch.Tensor, chunk_size: int, progress: bool, desc: str) -> torch.Tensor:
+    """J = ∂y/∂x: (d_out, *x.shape), by batched VJPs over chunks of `chunk_size` output rows."""
+    d_out = y.shape[0]
+    jac = torch.empty((d_out, *x.shape), dtype=x.dtype)
+    eye = torch.eye(d_out, dtype=y.dtype)
+    starts = range(0, d_out, chunk_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, unit="chunk", leave=False):
+        rows = eye[start : start + chunk_size]  # (c, d_out)
+        (grad,) = torch.autograd.grad(y, x, grad_outputs=rows, is_grads_batched=True, retain_graph=True)
+        jac[start : start + rows.shape[0]] = grad
+    return jac
+
+
+def detached_jacobian(
+    model: nn.Module,
+    tokenizer,
+    prompt_or_ids: str | Sequence[int] | torch.Tensor,
+    *,
+    position: int = -1,
+    chunk_size: int | None = None,
+    progress: bool = True,
+    mlp_split: str = "activation",
+    detach: bool = True,
+) -> JacobianResult:
+    """J⁺ of the output embedding at `position` w.r.t. every input embedding (detach=False: ordinary J).
+
+    The result is self-checked: a detached J⁺ that does not reconstruct y raises LinearizationError.
+    """
+    token_ids = tokenize(tokenizer, prompt_or_ids)
+    x0 = embed(model, token_ids)  # (T, d)
+    d_out = model.config.hidden_size
+    chunk_size = chunk_size or default_chunk_size(d_out)
+    check_fits(model, len(token_ids), chunk_size, x0.dtype)
+    tokens = [tokenizer.decode([i]) for i in token_ids]
+    start = time.perf_counter()
+    x = x0.clone().requires_grad_(True)
+    bias = None
+    if detach:
+        with detached(model, mlp_split=mlp_split):
+            y = final_hidden(model, x, position)
+            jac = reverse_jacobian(y, x, chunk_size, progress, "J⁺ rows")
+            bias = bias_term(model, x0, position)
+    else:
+        with torch.enable_grad():
+            y = final_hidden(model, x, position)
+            jac = reverse_jacobian(y, x, chunk_size, progress, "J rows")
+    result = JacobianResult(
+        jacobian=jac, inputs=x0, output=y.detach(), bias=bias, token_ids=token_ids, tokens=tokens,
+        detached=detach, position=position, mlp_split=mlp_split, seconds=time.perf_counter() - start,
+    )
+    if detach:
+        _self_check(result.relative_error, x0.dtype, "the final output embedding")
+    return result
+
+
+def ordinary_jacobian(model: nn.Module, tokenizer, prompt_or_ids, **kw) -> JacobianResult:
+    """The ordinary (non-detached) Jacobian, which does not reconstruct y (paper Fig. 3)."""
+    return detached_jacobian(model, tokenizer, prompt_or_ids, detach=False, **kw)
+
+
+def _self_check(error: float, dtype: torch.dtype, what: str) -> None:
+    """Raise LinearizationError when a detached Jacobian fails to reconstruct its output."""
+    tol = SELF_CHECK_TOLERANCE.get(dtype, 1e-1)
+    if not error <= tol:
+        raise LinearizationError(
+            f"the detached Jacobian of {what} reconstructs it only to relative error {error:.3g} "
+            f"(> {tol:g} for {dtype}): a nonlinearity was not frozen. This is a bug in the family adapter."
+        )

@@ -1,0 +1,237 @@
+"""The detach mechanism: make a decoder locally linear in its input embeddings, exactly and reversibly.
+
+Inside `detached(model)` every nonlinear factor is frozen at its value for the current input:
+
+- RMSNorm: x · rsqrt(mean(x²)+ε) · w with the rsqrt term detached (paper eq. 4);
+- gated MLP: down(act(gate(x)) ⊙ up(x)) with act(gate(x)) detached (eq. 8), or, with
+  ``mlp_split="gate"``, gate(x) live and up(x) ⊙ act(gate)/gate detached. Both splits give the
+  same y and both reconstruct it; they give different J⁺ (the split is not unique);
+- attention: Q and K are detached as they leave their projections, so the softmax weights
+  (and RoPE, q/k norms, soft-capping and sliding-window masks, which only act on Q·Kᵀ) are
+  frozen while V stays live (eq. 12).
+
+Each patched forward repeats transformers' op sequence with `.detach()` on the frozen factor, so
+float32 outputs are bit-for-bit unchanged. For float64 inputs the norms compute in float64
+instead of transformers' float32 upcast, which would otherwise cap the reconstruction at ~1e-7;
+float32/bf16/fp16 keep the upcast to float32 exactly as transformers does.
+
+Patches are instance attributes (`module.forward`) and forward hooks, removed on exit: nothing
+is written to disk and no transformers source is copied.
+
+The frozen factors can be *recorded* on one forward and *replayed* on later ones
+(`Linearization.replay`): the network is then one fixed linear (affine, with biases) map that can
+be applied to any batch of inputs, which is what forward-mode sweeps use.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import CoverageError, UnsupportedModelError
+from .families import GATE_ACTIVATIONS, LINEAR_MODULES, Family, family_of
+
+MLP_SPLITS = ("activation", "gate")
+
+
+@dataclass
+class Linearization:
+    """State of one `detached` context: the family, the options, and recorded frozen factors."""
+
+    model: nn.Module
+    family: Family
+    mlp_split: str = "activation"
+    record: bool = False  # store each frozen factor on the next forwards
+    replay: bool = False  # use stored factors instead of computing them from the input
+    factors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def frozen(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The frozen factor `key`: recorded/replayed when asked, else computed and detached."""
+        if self.replay:
+            if key not in self.factors:
+                raise UnsupportedModelError(f"no recorded frozen factor for {key!r}; record a forward first")
+            return self.factors[key]
+        value = compute().detach()
+        if self.record:
+            self.factors[key] = value
+        return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Coverage: every module is known-linear, patched, a declared container, or a frozen child.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_coverage(model: nn.Module, family: Family | None = None) -> Family:
+    """Raise CoverageError unless every module of `model` is handled by its family adapter."""
+    family = family or family_of(model)
+    if model.training:
+        raise UnsupportedModelError("model is in training mode (dropout is random); call model.eval() first")
+    modules = dict(model.named_modules())
+    for path, module in modules.items():
+        cls = type(module).__name__
+        known = (
+            family.containers + LINEAR_MODULES + family.embeddings + family.rotary
+            + tuple(family.norms) + tuple(family.mlps) + tuple(family.attentions)
+        )
+        if cls in known:
+            if cls in family.attentions:
+                _check_eager(path, module)
+            continue
+        parent_path, _, child = path.rpartition(".")
+        parent_cls = type(modules[parent_path]).__name__ if path else ""
+        if parent_cls in family.mlps and child in ("act_fn", "activation_fn") and cls in GATE_ACTIVATIONS:
+            continue  # applied only to the gate, whose activation the MLP patch freezes
+        if parent_cls in family.attentions and child in family.frozen_children:
+            continue  # q/k norms see only detached Q/K: constant in x
+        raise CoverageError(
+            f"module {path or '<root>'!r} of class {type(module).__module__}.{cls} is not known to lllm's "
+            f"{family.name!r} adapter: it is not a known-linear module, a patched norm/MLP/attention, or a "
+            "declared container, so the detached Jacobian could silently be wrong. Add it to the family "
+            "adapter in lllm/families.py if it is linear in its input."
+        )
+    return family
+
+
+def _check_eager(path: str, attention: nn.Module) -> None:
+    """Refuse any attention implementation other than eager."""
+    config = getattr(attention, "config", None)
+    impl = getattr(config, "_attn_implementation", None)  # transformers has no public getter
+    if impl != "eager":
+        raise UnsupportedModelError(
+            f"attention module {path!r} uses attn_implementation={impl!r}; lllm needs 'eager' so that the "
+            "frozen softmax is the one computed in the forward. Load with lllm.load() or pass "
+            "attn_implementation='eager' to from_pretrained (or call model.set_attn_implementation('eager'))."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Patched forwards. Each repeats transformers' op order exactly, detaching only the frozen factor.
+# ---------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """transformers upcasts norms to float32; keep that, except keep float64 in float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _norm_forward(self: nn.Module, hidden_states: torch.Tensor, *, lin: Linearization, key: str, style: str):
+    """RMSNorm with rsqrt(mean(x²)+ε) frozen; `style` selects the family's weight convention."""
+    input_dtype = hidden_states.dtype
+    h = hidden_states.to(_compute_dtype(input_dtype))
+    eps = getattr(self, "variance_epsilon", None)
+    eps = self.eps if eps is None else eps
+    inv_rms = lin.frozen(key, lambda: torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))  # (B, T, 1)
+    h = h * inv_rms
+    if style == "weight_after_cast":
+        return self.weight * h.to(input_dtype)
+    if style == "weight_before_cast":
+        return (self.weight * h).to(input_dtype)
+    return (h * (1.0 + self.weight.to(h.dtype))).to(input_dtype)  # one_plus_weight (Gemma)
+
+
+def _gate_and_up(self: nn.Module, x: torch.Tensor, style: str) -> tuple[torch.Tensor, torch.Tensor, Callable]:
+    """(gate(x), up(x), act) for split or fused gate/up projections."""
+    if style == "fused":
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return gate, up, self.activation_fn
+    return self.gate_proj(x), self.up_proj(x), self.act_fn
+
+
+def _mlp_forward(self: nn.Module, x: torch.Tensor, *, lin: Linearization, key: str, style: str):
+    """Gated MLP, linear in x through exactly one of its two branches."""
+    gate, up, act = _gate_and_up(self, x, style)  # (B, T, I) each
+    if lin.mlp_split == "activation":
+        # paper eq. (8): act(gate(x)) frozen, up(x) live; same op order => bitwise-equal output
+        return self.down_proj(lin.frozen(key, lambda: act(gate)) * up)
+    # "gate" split: gate(x) live, up(x)·act(g)/g frozen. act(g)/g -> 1/2 at g = 0 for SiLU and GELU.
+    frozen = lin.frozen(key, lambda: up * torch.where(gate == 0, 0.5, act(gate) / gate))
+    hidden = gate * frozen
+    if not lin.replay:
+        # hidden and act(g)·up agree to a few ulps, so (exact - hidden) is exact (Sterbenz) and the
+        # sum below returns act(g)·up bit for bit; the detached correction is a rounding-level constant.
+        hidden = hidden + (act(gate) * up - hidden).detach()
+    return self.down_proj(hidden)
+
+
+def _qk_hook(lin: Linearization, key: str, n_frozen: int | None):
+    """Forward hook on a Q/K (or fused QKV) projection: detach (or replay) the Q/K columns."""
+
+    def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        qk = output if n_frozen is None else output[..., :n_frozen]  # (B, T, q+k)
+        frozen = lin.frozen(key, lambda: qk)
+        if lin.replay:
+            frozen = frozen.expand(*output.shape[:-1], frozen.shape[-1])
+        return frozen if n_frozen is None else torch.cat([frozen, output[..., n_frozen:]], dim=-1)
+
+    return hook
+
+
+@contextmanager
+def detached(model: nn.Module, *, mlp_split: str = "activation", record: bool = False) -> Iterator[Linearization]:
+    """Make `model` locally linear in its input embeddings until exit; restore it exactly after.
+
+    mlp_split: "activation" freezes act(gate(x)) (paper default); "gate" freezes up(x)·act(g)/g.
+    record: keep every frozen factor, so that `lin.replay = True` replays them on later forwards.
+    """
+    if mlp_split not in MLP_SPLITS:
+        raise ValueError(f"mlp_split must be one of {MLP_SPLITS}, got {mlp_split!r}")
+    if getattr(model, "_lllm_detached", False):
+        raise UnsupportedModelError("model is already inside lllm.detached(); nesting is not supported")
+    family = check_coverage(model)
+    lin = Linearization(model=model, family=family, mlp_split=mlp_split, record=record)
+    saved_forwards: list[tuple[nn.Module, object]] = []
+    hooks = []
+    try:
+        for path, module in model.named_modules():
+            cls = type(module).__name__
+            if cls in family.norms:
+                patch, style = _norm_forward, family.norms[cls]
+            elif cls in family.mlps:
+                patch, style = _mlp_forward, family.mlps[cls]
+            elif cls in family.attentions:
+                hooks += _attach_qk_hooks(lin, path, module, family.attentions[cls])
+                continue
+            else:
+                continue
+            saved_forwards.append((module, module.__dict__.get("forward")))
+            bound = types.MethodType(_bind(patch, lin=lin, key=path, style=style), module)
+            module.forward = bound
+        model._lllm_detached = True
+        yield lin
+    finally:
+        for handle in hooks:
+            handle.remove()
+        for module, previous in saved_forwards:
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        model.__dict__.pop("_lllm_detached", None)
+
+
+def _bind(fn: Callable, **kw) -> Callable:
+    """fn with keyword arguments fixed, as a plain function suitable for types.MethodType."""
+
+    def forward(self, x):
+        return fn(self, x, **kw)
+
+    return forward
+
+
+def _attach_qk_hooks(lin: Linearization, path: str, attention: nn.Module, style: str) -> list:
+    """Hooks that freeze Q and K of one attention module as they leave their projections."""
+    if style == "fused_qkv":
+        head_dim = attention.head_dim
+        n_q = attention.config.num_attention_heads * head_dim
+        n_k = attention.num_key_value_heads * head_dim
+        return [attention.qkv_proj.register_forward_hook(_qk_hook(lin, f"{path}.qk", n_q + n_k))]
+    return [
+        attention.q_proj.register_forward_hook(_qk_hook(lin, f"{path}.q", None)),
+        attention.k_proj.register_forward_hook(_qk_hook(lin, f"{path}.k", None)),
+    ]
