@@ -135,6 +135,12 @@ def _norm_forward(self: nn.Module, hidden_states: torch.Tensor, *, lin: Lineariz
     return (h * (1.0 + self.weight.to(h.dtype))).to(input_dtype)  # one_plus_weight (Gemma)
 
 
+def frozen_norm(lin: Linearization, norm: nn.Module, hidden: torch.Tensor, key: str) -> torch.Tensor:
+    """Apply a patched norm module to `hidden` with its own frozen factor `key` (logit-lens readouts)."""
+    style = lin.family.norms[type(norm).__name__]
+    return _norm_forward(norm, hidden, lin=lin, key=key, style=style)
+
+
 def _gate_and_up(self: nn.Module, x: torch.Tensor, style: str) -> tuple[torch.Tensor, torch.Tensor, Callable]:
     """(gate(x), up(x), act) for split or fused gate/up projections."""
     if style == "fused":

@@ -1,0 +1,319 @@
+"""Layer-by-layer detached Jacobians (paper Fig. 6, Tables 1–3).
+
+Two kinds, each for the layer output (with residual) and the attention and MLP module outputs
+(before their residual adds):
+
+- cumulative: input embeddings x (T, d) → that output at `position`, read through the final norm
+  (logit-lens style, with its own frozen rsqrt) as the paper does. At the last layer this is the
+  final detached Jacobian.
+- layer-wise: layer ℓ alone, its input hidden states (T, d) → its output at `position`.
+
+One detached forward *records* every frozen factor. With the factors replayed, the network is a
+fixed linear map, so Jacobians come from either side of it:
+
+- forward mode: the replayed network applied to a batch of basis vectors e_(i,k) yields column
+  (i, k) of every requested Jacobian at once (T·d columns, shared by all layers and components);
+- reverse mode: batched VJPs, d_out rows per requested output.
+
+`method="auto"` picks the cheaper by counting layer passes. Biases make the maps affine; their
+constant c is the replayed network applied to a zero input, computed independently of y.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import MemoryBudgetError
+from .jacobian import _self_check, embed, relative_error, reverse_jacobian, tokenize
+from .linearize import Linearization, detached, frozen_norm
+
+COMPONENTS = ("layer", "attn", "mlp")
+METHODS = ("auto", "forward", "reverse")
+# Module attribute names shared by every supported family: decoder.layers[ℓ].self_attn / .mlp, decoder.norm.
+_SUBMODULE = {"attn": "self_attn", "mlp": "mlp"}
+
+
+@dataclass
+class LayerJacobians:
+    """Detached Jacobians of layer/attention/MLP outputs for a set of layers."""
+
+    kind: str  # "cumulative" or "layerwise"
+    layers: list[int]
+    jacobian: dict[str, torch.Tensor]  # component -> (L, d_out, T, d_in)
+    output: dict[str, torch.Tensor]  # component -> (L, d_out): the vectors the Jacobians reconstruct
+    bias: dict[str, torch.Tensor] | None  # component -> (L, d_out), or None for bias-free models
+    inputs: torch.Tensor  # cumulative: x (T, d_in); layer-wise: each layer's input (L, T, d_in)
+    token_ids: list[int]
+    tokens: list[str]
+    through_norm: bool
+    method: str
+    seconds: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    def reconstruction(self, component: str) -> torch.Tensor:
+        """Σᵢ J_ℓ,ᵢ xᵢ (+ c) for every layer: (L, d_out)."""
+        x = self.inputs if self.kind == "layerwise" else self.inputs.expand(len(self.layers), *self.inputs.shape)
+        y_hat = torch.einsum("lotd,ltd->lo", self.jacobian[component], x)
+        return y_hat if self.bias is None else y_hat + self.bias[component]
+
+    def relative_errors(self, component: str) -> list[float]:
+        """The reconstruction error of every layer's output for `component`."""
+        y_hat = self.reconstruction(component)
+        return [relative_error(y, y_h) for y, y_h in zip(self.output[component], y_hat)]
+
+    def combined(self, component: str, layer: int) -> torch.Tensor:
+        """The token-combined (d_out, T·d_in) matrix of one layer (by layer number)."""
+        jac = self.jacobian[component][self.layers.index(layer)]
+        return jac.reshape(jac.shape[0], -1)
+
+
+class _Trace:
+    """Forward hooks that capture each layer's input (and call kwargs) and its component outputs."""
+
+    class Stop(Exception):
+        """Raised after the deepest needed layer, so that no later layer is computed."""
+
+    def __init__(self, model: nn.Module, layers: Iterable[int], components: Sequence[str], stop: bool):
+        self.decoder = model.get_decoder()
+        self.layers, self.components = sorted(set(layers)), tuple(components)
+        self.layer_inputs: dict[int, tuple[torch.Tensor, dict]] = {}
+        self.outputs: dict[tuple[int, str], torch.Tensor] = {}  # (ℓ, component) -> (B, T, d)
+        self.stop_at = self.layers[-1] if stop else None
+        self._handles: list = []
+
+    def __enter__(self) -> _Trace:
+        for ell in self.layers:
+            layer = self.decoder.layers[ell]
+            self._handles.append(layer.register_forward_pre_hook(self._save_input(ell), with_kwargs=True))
+            for comp in self.components:
+                module = layer if comp == "layer" else getattr(layer, _SUBMODULE[comp])
+                self._handles.append(module.register_forward_hook(self._save_output(ell, comp)))
+        if self.stop_at is not None:  # registered last, so it runs after the layer's own capture
+            self._handles.append(self.decoder.layers[self.stop_at].register_forward_hook(self._stop))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        for handle in self._handles:
+            handle.remove()
+        return exc_type is _Trace.Stop  # swallow the early stop, re-raise anything else
+
+    def _save_input(self, ell: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.layer_inputs[ell] = (hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+        return hook
+
+    def _save_output(self, ell: int, comp: str):
+        def hook(module, args, output):
+            self.outputs[(ell, comp)] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    @staticmethod
+    def _stop(module, args, output):
+        raise _Trace.Stop
+
+
+def _readout(lin: Linearization, decoder: nn.Module, hidden: torch.Tensor, key: str, position: int, norm: bool):
+    """hidden (B, T, d) → (B, d) at `position`, through the final norm with its own frozen factor."""
+    vec = hidden[:, position]
+    return frozen_norm(lin, decoder.norm, vec, key) if norm else vec
+
+
+def _has_biases(model: nn.Module) -> bool:
+    return any(n.endswith(".bias") for n, _ in model.get_decoder().named_parameters())
+
+
+def _check_result_fits(n: int, d_out: int, n_tokens: int, d_in: int, dtype: torch.dtype) -> None:
+    """Refuse a set of layer Jacobians that would not fit in memory."""
+    need = n * d_out * n_tokens * d_in * (torch.finfo(dtype).bits // 8)
+    available = psutil.virtual_memory().available
+    if need > 0.6 * available:
+        raise MemoryBudgetError(
+            f"{n} layer Jacobians of {n_tokens} tokens need {need / 2**30:.1f} GiB, more than the "
+            f"{available / 2**30:.1f} GiB available: pass fewer `layers`/`components` or a shorter prompt"
+        )
+
+
+def _basis_chunks(n_tokens: int, d_in: int, chunk_size: int, dtype: torch.dtype):
+    """Yield (columns, E): E (B, T, d) holds basis vectors e_(i,k) for flat column indices i·d + k."""
+    total = n_tokens * d_in
+    for start in range(0, total, chunk_size):
+        cols = torch.arange(start, min(start + chunk_size, total))
+        basis = torch.zeros(len(cols), n_tokens * d_in, dtype=dtype)
+        basis[torch.arange(len(cols)), cols] = 1.0
+        yield cols, basis.view(len(cols), n_tokens, d_in)
+
+
+def _choose(method: str, forward_cost: float, reverse_cost: float) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method != "auto":
+        return method
+    return "forward" if forward_cost <= reverse_cost else "reverse"
+
+
+def cumulative_jacobians(
+    model: nn.Module,
+    tokenizer,
+    prompt_or_ids,
+    *,
+    layers: Sequence[int] | None = None,
+    components: Sequence[str] = COMPONENTS,
+    position: int = -1,
+    through_norm: bool = True,
+    method: str = "auto",
+    chunk_size: int = 256,
+    mlp_split: str = "activation",
+    progress: bool = True,
+) -> LayerJacobians:
+    """Cumulative J⁺: input embeddings → each layer/attention/MLP output at `position` (Fig. 6A–C)."""
+    token_ids = tokenize(tokenizer, prompt_or_ids)
+    x0 = embed(model, token_ids)  # (T, d)
+    n_layers, d = model.config.num_hidden_layers, x0.shape[-1]
+    layers = list(range(n_layers)) if layers is None else sorted({ell % n_layers for ell in layers})
+    T, keys = len(token_ids), [(ell, c) for ell in layers for c in components]
+    _check_result_fits(len(keys), d, T, d, x0.dtype)
+    depth = layers[-1] + 1
+    # forward: T·d basis tangents through `depth` layers; reverse: d rows back through ℓ+1 layers each
+    chosen = _choose(method, T * d * depth, sum(2 * d * (ell + 1) for ell, _ in keys))
+    start = time.perf_counter()
+    decoder = model.get_decoder()
+    with detached(model, mlp_split=mlp_split, record=True) as lin:
+        x = x0.clone().requires_grad_(chosen == "reverse")
+        with torch.set_grad_enabled(chosen == "reverse"), _Trace(model, layers, components, stop=True) as trace:
+            decoder(inputs_embeds=x[None], use_cache=False)
+        targets = {k: _readout(lin, decoder, trace.outputs[k], f"readout.{k}", position, through_norm)[0] for k in keys}
+        lin.replay = True
+        bias = _replayed_outputs(model, lin, keys, torch.zeros_like(x0)[None], position, through_norm, components)
+        bias = {k: v[0] for k, v in bias.items()} if _has_biases(model) else None
+        jac = {k: torch.empty(d, T, d, dtype=x0.dtype) for k in keys}
+        if chosen == "reverse":
+            lin.replay = False  # the recorded graph already holds every frozen factor
+            for k in tqdm(keys, desc="cumulative J⁺ (reverse)", disable=not progress, leave=False):
+                jac[k] = reverse_jacobian(targets[k], x, min(64, d), False, "")
+        else:
+            chunks = list(_basis_chunks(T, d, chunk_size, x0.dtype))
+            for cols, basis in tqdm(chunks, desc="cumulative J⁺ (forward)", disable=not progress, leave=False):
+                with torch.no_grad():
+                    outs = _replayed_outputs(model, lin, keys, basis, position, through_norm, components)
+                for k in keys:
+                    columns = outs[k] if bias is None else outs[k] - bias[k]  # (B, d)
+                    jac[k].view(d, T * d)[:, cols] = columns.T
+    result = _assemble("cumulative", layers, components, keys, jac, targets, bias, x0, token_ids, tokenizer,
+                       through_norm, chosen, time.perf_counter() - start)
+    for comp in components:
+        _self_check(max(result.relative_errors(comp)), x0.dtype, f"cumulative {comp} outputs")
+    return result
+
+
+def _replayed_outputs(model, lin, keys, inputs_embeds, position, through_norm, components) -> dict:
+    """Run the replayed (linear) network on inputs_embeds (B, T, d); return each key's readout (B, d)."""
+    decoder = model.get_decoder()
+    layers = sorted({ell for ell, _ in keys})
+    with _Trace(model, layers, components, stop=True) as trace:
+        decoder(inputs_embeds=inputs_embeds, use_cache=False)
+    return {k: _readout(lin, decoder, trace.outputs[k], f"readout.{k}", position, through_norm) for k in keys}
+
+
+def layerwise_jacobians(
+    model: nn.Module,
+    tokenizer,
+    prompt_or_ids,
+    *,
+    layers: Sequence[int] | None = None,
+    components: Sequence[str] = COMPONENTS,
+    position: int = -1,
+    method: str = "auto",
+    chunk_size: int = 256,
+    mlp_split: str = "activation",
+    progress: bool = True,
+) -> LayerJacobians:
+    """Layer-wise J⁺: layer ℓ alone, input hidden states (T, d) → its outputs at `position` (Fig. 6D)."""
+    token_ids = tokenize(tokenizer, prompt_or_ids)
+    x0 = embed(model, token_ids)
+    n_layers, d = model.config.num_hidden_layers, x0.shape[-1]
+    layers = list(range(n_layers)) if layers is None else sorted({ell % n_layers for ell in layers})
+    T, keys = len(token_ids), [(ell, c) for ell in layers for c in components]
+    _check_result_fits(len(keys), d, T, d, x0.dtype)
+    chosen = _choose(method, T * d, 2 * d * len(components))  # per layer: T·d tangents vs d rows per component
+    start = time.perf_counter()
+    decoder = model.get_decoder()
+    jac = {k: torch.empty(d, T, d, dtype=x0.dtype) for k in keys}
+    targets, bias, layer_inputs = {}, {}, []
+    with detached(model, mlp_split=mlp_split, record=True) as lin:
+        with torch.no_grad(), _Trace(model, layers, components, stop=True) as trace:
+            decoder(inputs_embeds=x0[None], use_cache=False)
+        lin.replay = True
+        for ell in tqdm(layers, desc=f"layer-wise J⁺ ({chosen})", disable=not progress, leave=False):
+            hidden, kwargs = trace.layer_inputs[ell]
+            layer_inputs.append(hidden[0])
+            run = _layer_runner(model, ell, components, kwargs, position)
+            with torch.no_grad():
+                zero = run(torch.zeros_like(hidden))
+            h = hidden.clone().requires_grad_(chosen == "reverse")
+            with torch.set_grad_enabled(chosen == "reverse"):
+                outs = run(h)
+            for comp in components:
+                targets[(ell, comp)], bias[(ell, comp)] = outs[comp][0].detach(), zero[comp][0]
+                if chosen == "reverse":
+                    jac[(ell, comp)] = reverse_jacobian(outs[comp][0], h, min(64, d), False, "")[:, 0]
+            if chosen == "forward":
+                for cols, basis in _basis_chunks(T, d, chunk_size, x0.dtype):
+                    with torch.no_grad():
+                        outs = run(basis)
+                    for comp in components:
+                        jac[(ell, comp)].view(d, T * d)[:, cols] = (outs[comp] - zero[comp]).T
+    result = _assemble("layerwise", layers, components, keys, jac, targets, bias if _has_biases(model) else None,
+                       torch.stack(layer_inputs), token_ids, tokenizer, False, chosen, time.perf_counter() - start)
+    for comp in components:
+        _self_check(max(result.relative_errors(comp)), x0.dtype, f"layer-wise {comp} outputs")
+    return result
+
+
+def _layer_runner(model: nn.Module, ell: int, components: Sequence[str], kwargs: dict, position: int):
+    """A function hidden (B, T, d) → {component: output at `position` (B, d)} for layer ℓ alone."""
+    layer = model.get_decoder().layers[ell]
+
+    def run(hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        captured = {}
+        handles = [
+            getattr(layer, _SUBMODULE[c]).register_forward_hook(
+                lambda m, a, out, c=c: captured.__setitem__(c, out[0] if isinstance(out, tuple) else out)
+            )
+            for c in components if c != "layer"
+        ]
+        try:
+            captured["layer"] = layer(hidden, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {c: captured[c][:, position] for c in components}
+
+    return run
+
+
+def _assemble(kind, layers, components, keys, jac, targets, bias, inputs, token_ids, tokenizer, norm, method, secs):
+    """Stack per-(layer, component) tensors into a LayerJacobians."""
+    stack = lambda table, comp: torch.stack([table[(ell, comp)] for ell in layers])  # noqa: E731
+    return LayerJacobians(
+        kind=kind,
+        layers=list(layers),
+        jacobian={c: stack(jac, c) for c in components},
+        output={c: stack(targets, c).detach() for c in components},
+        bias=None if bias is None else {c: stack(bias, c) for c in components},
+        inputs=inputs.detach(),
+        token_ids=token_ids,
+        tokens=[tokenizer.decode([i]) for i in token_ids],
+        through_norm=norm,
+        method=method,
+        seconds=secs,
+    )
