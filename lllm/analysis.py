@@ -1,0 +1,261 @@
+"""The whole per-prompt analysis of the paper, computed once and cached: `analyze` and `lllm analyze`.
+
+One call gives every number the figures and tables read for one (model, prompt): the final J⁺
+and its reconstruction (Fig 3), the ordinary Jacobian's reconstruction (Fig 3), per-token SVDs
+with decodings and row/column features (Fig 4, 5), cumulative and layer-wise Jacobians of every
+layer/attention/MLP output with their spectra, stable ranks, decoded top singular vectors and
+projections (Fig 6, Tables 1–3). Results go through the content-addressed cache (`lllm.store`),
+so notebooks and the book driver recompute nothing that is unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import decompose as dec
+from .jacobian import JacobianResult, detached_jacobian, embed, jvp_reconstruction, relative_error, tokenize
+from .layers import COMPONENTS, LayerJacobians, cumulative_jacobians, layerwise_jacobians
+from .store import ResultCache, model_identity, record_to_result, result_to_record
+
+ANALYSIS_KIND = "analysis"
+
+
+@dataclass
+class PromptAnalysis:
+    """Everything the paper's figures read for one prompt. Tensors are CPU; metadata is JSON-able."""
+
+    final: JacobianResult  # J⁺ (d, T, d) of the output embedding, with x, y, c
+    ordinary_reconstruction: torch.Tensor  # (d,): Σᵢ Jᵢxᵢ of the ordinary Jacobian (one JVP)
+    token_spectra: torch.Tensor  # (T, d): singular values of every J⁺ᵢ
+    layer_spectra: dict[str, torch.Tensor]  # component -> (L, d): spectra of cumulative [J⁺ℓ,₀ … J⁺ℓ,T]
+    layer_top_u: dict[str, torch.Tensor]  # component -> (L, d, k): top-k left singular vectors (oriented by y)
+    layerwise_spectra: dict[str, torch.Tensor]  # component -> (L, d): spectra of layer-wise combined matrices
+    meta: dict = field(default_factory=dict)  # tokens, next tokens, decodings, errors, stable ranks, timings
+
+    @property
+    def layers(self) -> list[int]:
+        return self.meta["layers"]
+
+    def stable_ranks(self, kind: str = "cumulative") -> dict[str, list[float]]:
+        """component -> stable rank per layer, of the cumulative or layer-wise transforms."""
+        spectra = self.layer_spectra if kind == "cumulative" else self.layerwise_spectra
+        return {c: [dec.stable_rank(s) for s in spectra[c]] for c in spectra}
+
+    def projections(self, k: int = 2) -> torch.Tensor:
+        """(L, k, k): each layer's top-k left singular vectors projected on the last layer's (Fig 6B)."""
+        top = self.layer_top_u["layer"][:, :, :k]  # (L, d, k)
+        return torch.einsum("ldk,dj->lkj", top, top[-1])
+
+
+def _next_tokens(model: nn.Module, tokenizer, y: torch.Tensor, k: int) -> list[dict]:
+    """Top-k next tokens with probabilities from the output embedding y: (d,)."""
+    with torch.no_grad():
+        probs = torch.softmax(model.lm_head(y).double(), -1)
+    top = torch.topk(probs, k)
+    return [{"id": int(i), "token": tokenizer.decode([int(i)]), "prob": float(p)} for p, i in zip(top.values, top.indices)]
+
+
+def _spectra_and_top(jac: LayerJacobians, component: str, reference: torch.Tensor, k: int):
+    """(L, r) singular values and (L, d, k) top left singular vectors of each layer's combined matrix."""
+    spectra, tops = [], []
+    for ell in jac.layers:
+        decomposition = dec.svd(jac.combined(component, ell), reference=reference)
+        spectra.append(decomposition.S)
+        tops.append(decomposition.U[:, :k])
+    return torch.stack(spectra), torch.stack(tops)
+
+
+def analyze(
+    model: nn.Module,
+    tokenizer,
+    prompt: str | Sequence[int],
+    *,
+    layers: Sequence[int] | None = None,
+    components: Sequence[str] = COMPONENTS,
+    method: str = "auto",
+    k_vectors: int = 3,
+    k_tokens: int = 5,
+    progress: bool = True,
+) -> PromptAnalysis:
+    """Every figure's data for one prompt (see the module docstring). Not cached: see `cached_analyze`."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    token_ids = tokenize(tokenizer, prompt)
+    final = detached_jacobian(model, tokenizer, token_ids, progress=progress)
+    timings["final_jacobian"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    x = embed(model, token_ids)
+    ordinary = jvp_reconstruction(model, x, detach=False)  # Σ Jᵢxᵢ of the ordinary J, from one JVP
+    timings["ordinary_reconstruction"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    cumulative = cumulative_jacobians(model, tokenizer, token_ids, layers=layers, components=components,
+                                      method=method, progress=progress)
+    layerwise = layerwise_jacobians(model, tokenizer, token_ids, layers=layers, components=components,
+                                    progress=progress)
+    timings["layer_jacobians"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    svds = dec.token_svds(final)
+    layer_spectra, layer_top_u = {}, {}
+    for comp in components:
+        layer_spectra[comp], layer_top_u[comp] = _spectra_and_top(cumulative, comp, final.output, k_vectors)
+    layerwise_spectra = {c: torch.stack([torch.linalg.svdvals(layerwise.combined(c, ell)) for ell in layerwise.layers])
+                         for c in components}
+    timings["svds"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    last = len(token_ids) - 1
+    meta = {
+        "prompt": prompt if isinstance(prompt, str) else None,
+        "token_ids": token_ids,
+        "tokens": final.tokens,
+        "layers": cumulative.layers,
+        "components": list(components),
+        "next_tokens": _next_tokens(model, tokenizer, final.output, k_tokens),
+        "relative_error": final.relative_error,
+        "ordinary_relative_error": relative_error(final.output, ordinary),
+        "bias_fraction": None if final.bias is None else float(final.bias.norm() / final.output.norm()),
+        "token_stable_rank": [dec.stable_rank(s) for s in svds],
+        "token_decodings": [dec.decode_svd(s, model, tokenizer, k_vectors, k_tokens) for s in svds],
+        "row_col_features": _features(final.block(last), model, tokenizer, k_tokens),
+        "layer_errors": {f"{kind}.{c}": lj.relative_errors(c) for kind, lj in
+                         (("cumulative", cumulative), ("layerwise", layerwise)) for c in components},
+        "layer_decodings": _layer_decodings(layer_top_u["layer"], layer_spectra["layer"], model, tokenizer,
+                                            k_tokens),
+        "methods": {"cumulative": cumulative.method, "layerwise": layerwise.method},
+        "timings": timings,
+    }
+    timings["decodings"] = time.perf_counter() - clock
+    return PromptAnalysis(
+        final=final, ordinary_reconstruction=ordinary, token_spectra=torch.stack([s.S for s in svds]),
+        layer_spectra=layer_spectra, layer_top_u=layer_top_u, layerwise_spectra=layerwise_spectra, meta=meta,
+    )
+
+
+def _features(block: torch.Tensor, model, tokenizer, k_tokens: int) -> dict:
+    """Fig 4A for one block: decoded largest rows/columns and the norm distributions (JSON-able)."""
+    features = dec.row_col_features(block, model, tokenizer, n_features=10, k_tokens=k_tokens)
+    return {
+        "rows": features.rows, "row_tokens": [d.to_dict() for d in features.row_tokens],
+        "cols": features.cols, "col_tokens": [d.to_dict() for d in features.col_tokens],
+        "row_norms": features.row_norms.tolist(), "col_norms": features.col_norms.tolist(),
+    }
+
+
+def _layer_decodings(top_u: torch.Tensor, spectra: torch.Tensor, model, tokenizer, k_tokens: int) -> list[list[dict]]:
+    """Per layer, its top left singular vectors decoded through lm_head (Tables 1–3): (L × k) dicts."""
+    table = []
+    for u, s in zip(top_u, spectra):  # u: (d, k), already through the final norm
+        decoded = dec.decode_output(u.mT, model, tokenizer, k_tokens)
+        table.append([{"singular_value": float(s[i]), **decoded[i].to_dict()} for i in range(u.shape[1])])
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Persistence and cache
+# ---------------------------------------------------------------------------------------------
+
+
+def analysis_to_record(analysis: PromptAnalysis, model: nn.Module, options: dict) -> tuple[dict, dict]:
+    """(tensors, meta) for lllm.store: the final J⁺ record plus every spectrum and vector."""
+    tensors, meta = result_to_record(analysis.final, model=model, prompt=analysis.meta["prompt"], options=options)
+    tensors = dict(tensors)
+    tensors["ordinary_reconstruction"] = analysis.ordinary_reconstruction
+    tensors["token_spectra"] = analysis.token_spectra
+    for comp in analysis.layer_spectra:
+        tensors[f"layer_spectra.{comp}"] = analysis.layer_spectra[comp]
+        tensors[f"layer_top_u.{comp}"] = analysis.layer_top_u[comp]
+        tensors[f"layerwise_spectra.{comp}"] = analysis.layerwise_spectra[comp]
+    return tensors, {**meta, "analysis": analysis.meta}
+
+
+def record_to_analysis(tensors: dict, meta: dict) -> PromptAnalysis:
+    """The PromptAnalysis that analysis_to_record stored."""
+    info = meta["analysis"]
+    pick = lambda prefix: {c: tensors[f"{prefix}.{c}"] for c in info["components"]}  # noqa: E731
+    return PromptAnalysis(
+        final=record_to_result(tensors, meta), ordinary_reconstruction=tensors["ordinary_reconstruction"],
+        token_spectra=tensors["token_spectra"], layer_spectra=pick("layer_spectra"),
+        layer_top_u=pick("layer_top_u"), layerwise_spectra=pick("layerwise_spectra"), meta=info,
+    )
+
+
+def cached_analyze(model: nn.Module, tokenizer, prompt, *, cache: ResultCache | None = None, **options) -> PromptAnalysis:
+    """`analyze` through the content-addressed results cache: an unchanged call loads instead."""
+    cache = cache or ResultCache()
+    layers = options.get("layers")
+    options = {**options, "layers": None if layers is None else sorted(layers)}
+    key = {"model": model_identity(model), "prompt": prompt, "dtype": str(model.dtype), "options":
+           {k: v for k, v in options.items() if k != "progress"}}
+    tensors, meta, _ = cache.get_or_compute(
+        ANALYSIS_KIND, key, lambda: analysis_to_record(analyze(model, tokenizer, prompt, **options), model, options)
+    )
+    return record_to_analysis(tensors, meta)
+
+
+def write_summary(analysis: PromptAnalysis, path: Path) -> None:
+    """A human-readable summary.json of the analysis (everything but the tensors)."""
+    summary = {**analysis.meta, "stable_rank": analysis.stable_ranks("cumulative"),
+               "layerwise_stable_rank": analysis.stable_ranks("layerwise"),
+               "projections": analysis.projections().tolist()}
+    path.write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# `lllm analyze`
+# ---------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `lllm analyze`."""
+    from .commands import add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--out", required=True, help="directory for tensors.safetensors, meta.json, summary.json")
+    parser.add_argument("--layers", type=int, nargs="*", help="layer indices (default: all)")
+    parser.add_argument("--method", choices=("auto", "forward", "reverse"), default="auto")
+    parser.add_argument("--no-cache", action="store_true", help="recompute even if the results cache has it")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Analyze one prompt, write everything to --out, and print the headline numbers."""
+    from . import load
+    from .commands import DTYPES
+    from .store import save_result
+
+    model, tokenizer = load(args.model, dtype=DTYPES[args.dtype])
+    options = {"layers": args.layers, "method": args.method, "progress": not args.no_progress}
+    if args.no_cache:
+        options.pop("progress")
+        analysis = analyze(model, tokenizer, args.prompt, progress=not args.no_progress, **options)
+    else:
+        analysis = cached_analyze(model, tokenizer, args.prompt, **options)
+    out = Path(args.out)
+    save_result(out / "analysis", *analysis_to_record(analysis, model, {k: v for k, v in options.items()
+                                                                        if k != "progress"}))
+    write_summary(analysis, out.joinpath("analysis-summary.json"))
+    meta = analysis.meta
+    print(f"tokens        {meta['tokens']}")
+    print("next          " + "  ".join(f"{t['token']!r} {t['prob']:.3f}" for t in meta["next_tokens"]))
+    print(f"error         {meta['relative_error']:.3e} (detached)   {meta['ordinary_relative_error']:.3e} (ordinary)")
+    last = meta["token_decodings"][-1]
+    for entry in last:
+        v = entry.get("v") or entry["v_by_token"][-1]
+        print(f"σ{entry['index']} {entry['singular_value']:8.3f}  U {entry['u']['tokens'][:3]}  V {v['tokens'][:3]}")
+    ranks = analysis.stable_ranks("cumulative")
+    print("stable rank per layer (cumulative: layer / attn / mlp)")
+    for i, ell in enumerate(analysis.layers):
+        print(f"  {ell:3d} " + "  ".join(f"{ranks[c][i]:8.3f}" for c in ranks))
+    print(f"wrote         {out}")
+    return 0

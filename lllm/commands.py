@@ -1,0 +1,60 @@
+"""`lllm jacobian`: the detached Jacobian of one prompt, summarized on the terminal and optionally saved."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --prompt and --dtype, shared by the one-prompt commands."""
+    parser.add_argument("--model", default="smollm2-135m", help="embedded short name, hub id, local dir or GGUF")
+    parser.add_argument("--prompt", default="The bridge out of Marin is the")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `lllm jacobian`."""
+    add_model_arguments(parser)
+    parser.add_argument("--top", type=int, default=5, help="how many next tokens to print")
+    parser.add_argument("--chunk-size", type=int, default=None, help="output rows per batched backward")
+    parser.add_argument("--mlp-split", choices=("activation", "gate"), default="activation")
+    parser.add_argument("--save", metavar="DIR", help="write the result as tensors.safetensors + meta.json")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compute, print and optionally save the detached Jacobian of one prompt."""
+    from . import load
+    from .decompose import decode_output, per_token_stable_rank
+    from .jacobian import detached_jacobian
+    from .store import result_to_record, save_result
+
+    start = time.perf_counter()
+    model, tokenizer = load(args.model, dtype=DTYPES[args.dtype])
+    loaded = time.perf_counter() - start
+    result = detached_jacobian(
+        model, tokenizer, args.prompt, chunk_size=args.chunk_size, mlp_split=args.mlp_split,
+        progress=not args.no_progress,
+    )
+    print(f"model      {args.model} ({args.dtype}), loaded in {loaded:.1f} s")
+    print(f"tokens     {result.tokens}")
+    top = decode_output(result.output, model, tokenizer, k=args.top)
+    probs = torch.softmax(model.lm_head(result.output).double(), -1)[top.ids]
+    print("next       " + "  ".join(f"{t!r} {p:.3f}" for t, p in zip(top.tokens, probs.tolist())))
+    bias = "" if result.bias is None else f"  (affine: |c|/|y| = {float(result.bias.norm() / result.output.norm()):.3f})"
+    print(f"error      {result.relative_error:.3e}  std(y − Σ J⁺ᵢxᵢ − c)/std(y){bias}")
+    ranks = per_token_stable_rank(result).tolist()
+    print("stable rank per token")
+    for token, rank in zip(result.tokens, ranks):
+        print(f"  {token!r:>16} {rank:8.3f}")
+    print(f"J⁺ {tuple(result.jacobian.shape)} in {result.seconds:.2f} s")
+    if args.save:
+        options = {"mlp_split": args.mlp_split, "position": -1}
+        path = save_result(args.save, *result_to_record(result, model=model, prompt=args.prompt, options=options))
+        print(f"saved      {path}")
+    return 0

@@ -1,0 +1,348 @@
+"""Decompositions and token decodings of detached Jacobians: the numbers behind paper Figs 4–6, Tables 1–3.
+
+- `svd`, `token_svds`, `combined_svd`: singular value decompositions with a fixed sign convention
+  (singular vectors are defined only up to sign; see `svd`).
+- `stable_rank`, `per_token_stable_rank`: R = Σ S² / S²_max (paper §3.6).
+- `decode_output`: output-space vector → tokens through lm_head (logit lens; optionally the final
+  norm first, for residual-stream vectors of intermediate layers).
+- `decode_input`: input-space vector → tokens by cosine nearest neighbour among input embeddings.
+- `row_col_features` (Fig 4A), `decode_svd` (Fig 4B, 5, Tables 1–3), `projection_onto` (Fig 6B).
+
+In a Jacobian block J⁺ᵢ (d_out, d_in), row r = ∂y_r/∂xᵢ and the right singular vectors live in
+input space; column c = ∂y/∂xᵢ,c and the left singular vectors live in output space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from .errors import LLLMError, UnsupportedModelError
+from .jacobian import JacobianResult
+
+SIGNS = ("positive", "both")  # decode vec only, or vec and -vec
+
+
+# ---------------------------------------------------------------------------------------------
+# SVD with a sign convention, and stable rank
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SVD:
+    """A ≈ U diag(S) Vh for A: (m, n), top k triplets, signs fixed by the convention of `svd`."""
+
+    U: torch.Tensor  # (m, k): left singular vectors as columns (output space of a Jacobian)
+    S: torch.Tensor  # (k,): singular values, descending
+    Vh: torch.Tensor  # (k, n): right singular vectors as rows (input space of a Jacobian)
+    complete: bool  # S holds all min(m, n) singular values, so Σ S² = ‖A‖²_F
+
+    @property
+    def V(self) -> torch.Tensor:
+        """(n, k): the right singular vectors as columns."""
+        return self.Vh.mT
+
+    @property
+    def k(self) -> int:
+        """Number of singular triplets held."""
+        return self.S.shape[0]
+
+    def matrix(self) -> torch.Tensor:
+        """U diag(S) Vh: (m, n), A itself when complete, else its best rank-k approximation."""
+        return (self.U * self.S) @ self.Vh
+
+
+def svd(matrix: torch.Tensor, k: int | None = None, *, reference: torch.Tensor | None = None) -> SVD:
+    """SVD of matrix: (m, n), all min(m, n) triplets or the top k, with deterministic signs.
+
+    Sign convention (a pair (u, v) is defined only up to a joint flip, which leaves U diag(S) Vh
+    unchanged): each pair is oriented so that u·reference > 0 when a reference vector (m,) is
+    given (e.g. the output y, for a Jacobian whose left singular vectors live in output space);
+    without a reference, or where u·reference is exactly 0, so that the entry of u with the
+    largest |value| (the first such) is positive. Where singular values repeat, the vectors are
+    not unique beyond sign and only their span is meaningful.
+
+    The top k are the leading part of the exact thin SVD (torch.linalg.svd, full_matrices=False):
+    no randomized method, so repeated calls give identical results.
+    """
+    if matrix.ndim != 2:
+        raise LLLMError(f"svd needs a 2-D matrix, got shape {tuple(matrix.shape)}")
+    return _batched_svd(matrix[None], k, reference)[0]
+
+
+def _batched_svd(blocks: torch.Tensor, k: int | None, reference: torch.Tensor | None) -> list[SVD]:
+    """One oriented SVD per matrix of blocks: (B, m, n), all sharing the same reference (m,) or None."""
+    _, m, n = blocks.shape
+    full = min(m, n)
+    k = full if k is None else k
+    if not 1 <= k <= full:
+        raise LLLMError(f"k must be between 1 and min(m, n) = {full}, got {k}")
+    if reference is not None and reference.shape != (m,):
+        raise LLLMError(f"the reference vector must have shape ({m},) to orient left singular vectors, got "
+                        f"{tuple(reference.shape)}")
+    if not torch.isfinite(blocks).all():
+        raise LLLMError("the matrix has NaN or infinite entries; its SVD is undefined")
+    U, S, Vh = torch.linalg.svd(blocks, full_matrices=False)  # (B, m, r), (B, r), (B, r, n)
+    U, S, Vh = U[..., :k], S[..., :k], Vh[..., :k, :]
+    signs = _orientation(U, reference)  # (B, k)
+    U, Vh = U * signs[:, None, :], Vh * signs[:, :, None]
+    return [SVD(U=u, S=s, Vh=vh, complete=k == full) for u, s, vh in zip(U, S, Vh)]
+
+
+def _orientation(U: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+    """±1 per column of U: (B, m, k) implementing the sign convention of `svd`: (B, k)."""
+    biggest = U.abs().argmax(dim=-2, keepdim=True)  # (B, 1, k): first entry of largest |value|
+    signs = torch.sign(U.gather(-2, biggest)[:, 0, :])  # never 0: a unit vector has a nonzero entry
+    if reference is not None:
+        dots = torch.einsum("bmk,m->bk", U, reference.to(U.dtype))
+        signs = torch.where(dots != 0, torch.sign(dots), signs)
+    return signs
+
+
+def token_svds(result: JacobianResult, k: int | None = None) -> list[SVD]:
+    """SVD of every block J⁺ᵢ: (d_out, d_in), i = 0..T-1, oriented by the output y (reference)."""
+    blocks = result.jacobian.permute(1, 0, 2)  # (T, d_out, d_in)
+    return _batched_svd(blocks, k, result.output)
+
+
+def combined_svd(result: JacobianResult, k: int | None = None) -> SVD:
+    """SVD of the token-combined matrix [J⁺₀ … J⁺_T]: (d_out, T·d_in), oriented by y."""
+    return svd(result.combined, k, reference=result.output)
+
+
+def split_right_vectors(decomposition: SVD, n_tokens: int) -> torch.Tensor:
+    """The right singular vectors of a token-combined SVD, split per token: (k, T, d_in)."""
+    k, width = decomposition.Vh.shape
+    if n_tokens < 1 or width % n_tokens:
+        raise LLLMError(f"right singular vectors of width {width} do not split into {n_tokens} tokens")
+    return decomposition.Vh.reshape(k, n_tokens, width // n_tokens)
+
+
+def stable_rank(spectrum_or_matrix: torch.Tensor | SVD) -> float:
+    """R = Σ S² / S²_max of a complete spectrum S: (r,), a matrix: (m, n), or a complete SVD."""
+    if isinstance(spectrum_or_matrix, SVD):
+        if not spectrum_or_matrix.complete:
+            raise LLLMError("the stable rank needs every singular value; this SVD holds only the top "
+                            f"{spectrum_or_matrix.k}. Compute it with k=None or pass the matrix itself.")
+        spectrum = spectrum_or_matrix.S
+    elif spectrum_or_matrix.ndim == 2:
+        spectrum = torch.linalg.svdvals(spectrum_or_matrix)
+    elif spectrum_or_matrix.ndim == 1:
+        spectrum = spectrum_or_matrix
+    else:
+        raise LLLMError(f"stable_rank takes singular values (r,) or a matrix (m, n), got shape "
+                        f"{tuple(spectrum_or_matrix.shape)}")
+    return float(_stable_rank(spectrum))
+
+
+def per_token_stable_rank(result: JacobianResult) -> torch.Tensor:
+    """R of every block J⁺ᵢ: (T,)."""
+    return _stable_rank(torch.linalg.svdvals(result.jacobian.permute(1, 0, 2)))
+
+
+def _stable_rank(spectrum: torch.Tensor) -> torch.Tensor:
+    """Σ S² / S²_max along the last axis of spectrum: (..., r) -> (...)."""
+    largest = spectrum.abs().amax(dim=-1)
+    if (largest == 0).any():
+        raise LLLMError("the stable rank of a zero matrix is undefined (its largest singular value is 0)")
+    return spectrum.pow(2).sum(dim=-1) / largest.pow(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding vectors to tokens
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """The top-k tokens of one vector, best first, with their scores (logits or cosines)."""
+
+    ids: list[int]
+    tokens: list[str]
+    scores: list[float]
+    negative: Decoded | None = None  # the decoding of -vec, when signs="both"
+
+    def __repr__(self) -> str:
+        text = ", ".join(f"{token!r} {score:.3g}" for token, score in zip(self.tokens, self.scores))
+        if self.negative is not None:
+            text += " | −: " + ", ".join(repr(token) for token in self.negative.tokens)
+        return f"Decoded({text})"
+
+    def to_dict(self) -> dict:
+        """A JSON-serializable dict: ids, tokens, scores (and negative)."""
+        out = {"ids": self.ids, "tokens": self.tokens, "scores": self.scores}
+        if self.negative is not None:
+            out["negative"] = self.negative.to_dict()
+        return out
+
+
+def decode_output(
+    vec: torch.Tensor, model: nn.Module, tokenizer, k: int = 5, *, through_norm: bool = False,
+    signs: str = "positive",
+) -> Decoded | list[Decoded]:
+    """Top-k tokens of output-space vec: (d,) -> Decoded, or (n, d) -> list, by lm_head logits.
+
+    through_norm applies the model's final norm first (logit lens on residual-stream vectors of
+    intermediate layers); y and the Jacobian's columns and U are already after it. Scores are
+    the logits before any final soft-capping: Gemma's final_logit_softcapping, cap·tanh(z/cap),
+    is monotone, so it cannot change the ranking, and it is not applied.
+    """
+    lm_head = model.get_output_embeddings()
+    if lm_head is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no output embedding (lm_head) to decode with")
+    norm = _final_norm(model) if through_norm else None
+
+    def logits(rows: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return lm_head(rows if norm is None else norm(rows))  # one (n, V) matmul, even for 262k tokens
+
+    return _decode(vec, lm_head.weight, logits, tokenizer, k, signs)
+
+
+def decode_input(
+    vec: torch.Tensor, model: nn.Module, tokenizer, k: int = 5, *, signs: str = "positive",
+) -> Decoded | list[Decoded]:
+    """Top-k tokens of input-space vec: (d,) -> Decoded, or (n, d) -> list, by cosine with input embeddings."""
+    weight = model.get_input_embeddings().weight  # (V, d)
+    # x = weight · embed_scale for Gemma (√d) and x = weight elsewhere; cosine is scale-invariant,
+    # so the raw rows give the same ranking and scores without copying a (V, d) matrix.
+    # Zero rows (some models zero their padding embedding) get cosine 0 rather than NaN.
+    row_norms = torch.linalg.vector_norm(weight.detach(), dim=1).clamp_min(torch.finfo(weight.dtype).tiny)
+
+    def cosines(rows: torch.Tensor) -> torch.Tensor:
+        lengths = torch.linalg.vector_norm(rows, dim=1, keepdim=True)  # (n, 1)
+        if (lengths == 0).any():
+            raise LLLMError("cannot decode a zero vector: it has no direction")
+        with torch.no_grad():
+            return (rows @ weight.T) / row_norms / lengths  # (n, V)
+
+    return _decode(vec, weight, cosines, tokenizer, k, signs)
+
+
+def _decode(
+    vec: torch.Tensor, weight: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor], tokenizer, k: int,
+    signs: str,
+) -> Decoded | list[Decoded]:
+    """Shared decoding: score every token for each row of vec (and of -vec), keep the top k, in order."""
+    vocab, d = weight.shape
+    if signs not in SIGNS:
+        raise LLLMError(f"signs must be one of {SIGNS}, got {signs!r}")
+    if not 1 <= k <= vocab:
+        raise LLLMError(f"k must be between 1 and the vocabulary size {vocab}, got {k}")
+    if vec.ndim not in (1, 2) or vec.shape[-1] != d:
+        raise LLLMError(f"expected a vector (d,) or vectors (n, d) with d = {d}, got shape {tuple(vec.shape)}")
+    rows = vec.detach().reshape(-1, d).to(device=weight.device, dtype=weight.dtype)  # (n, d)
+    n = rows.shape[0]
+    batch = torch.cat([rows, -rows]) if signs == "both" else rows
+    # topk over the full score vector is sorted at every rank, not only the first
+    top = torch.topk(score(batch), k, dim=-1)
+    decoded = [
+        Decoded(ids=ids, tokens=[tokenizer.decode([i]) for i in ids], scores=values)
+        for ids, values in zip(top.indices.tolist(), top.values.tolist())
+    ]
+    if signs == "both":
+        decoded = [replace(pos, negative=neg) for pos, neg in zip(decoded[:n], decoded[n:])]
+    return decoded[0] if vec.ndim == 1 else decoded
+
+
+def _final_norm(model: nn.Module) -> nn.Module:
+    """The model's final norm, refused inside lllm.detached() where its forward is patched."""
+    if getattr(model, "_lllm_detached", False):
+        # a replaying detached context would apply a frozen rsqrt from another input
+        raise UnsupportedModelError("decode with through_norm=True outside lllm.detached(): the final norm must "
+                                    "be the model's own, unpatched")
+    norm = getattr(model.get_decoder(), "norm", None)
+    if norm is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no final norm at get_decoder().norm")
+    return norm
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RowColFeatures:
+    """Fig 4A for one J⁺ᵢ: its largest-norm rows decoded to input tokens and columns to output tokens."""
+
+    row_norms: torch.Tensor  # (d_out,): ‖J⁺ᵢ[r, :]‖, the magnitude distribution over output units
+    col_norms: torch.Tensor  # (d_in,): ‖J⁺ᵢ[:, c]‖, over input dimensions
+    rows: list[int]  # indices of the largest rows, largest first
+    row_tokens: list[Decoded]  # row r = ∂y_r/∂xᵢ lives in input space: cosine nearest neighbour
+    cols: list[int]  # indices of the largest columns, largest first
+    col_tokens: list[Decoded]  # column c = ∂y/∂xᵢ,c lives in output space: through lm_head
+
+
+def row_col_features(
+    block: torch.Tensor, model: nn.Module, tokenizer, n_features: int = 10, k_tokens: int = 1, *,
+    through_norm: bool = False, signs: str = "positive",
+) -> RowColFeatures:
+    """The n_features largest-norm rows and columns of block: (d_out, d_in), decoded to tokens (Fig 4A)."""
+    if block.ndim != 2:
+        raise LLLMError(f"row_col_features needs one Jacobian block (d_out, d_in), got shape {tuple(block.shape)}")
+    if not 1 <= n_features <= min(block.shape):
+        raise LLLMError(f"n_features must be between 1 and {min(block.shape)}, got {n_features}")
+    row_norms = torch.linalg.vector_norm(block, dim=1)
+    col_norms = torch.linalg.vector_norm(block, dim=0)
+    rows = torch.topk(row_norms, n_features).indices
+    cols = torch.topk(col_norms, n_features).indices
+    return RowColFeatures(
+        row_norms=row_norms, col_norms=col_norms, rows=rows.tolist(),
+        row_tokens=decode_input(block[rows], model, tokenizer, k_tokens, signs=signs),
+        cols=cols.tolist(),
+        col_tokens=decode_output(block[:, cols].mT, model, tokenizer, k_tokens, through_norm=through_norm,
+                                 signs=signs),
+    )
+
+
+def decode_svd(
+    decomposition: SVD, model: nn.Module, tokenizer, k_vectors: int = 3, k_tokens: int = 5, *,
+    through_norm: bool = False, signs: str = "positive",
+) -> list[dict]:
+    """The top k_vectors triplets decoded: U columns → output tokens (lm_head), V rows → input tokens (cosine).
+
+    A right singular vector of width d is decoded whole ("v"); one of a token-combined SVD (width
+    T·d) is decoded token by token ("v_by_token", T entries). Returns one JSON-serializable dict per
+    triplet: {"index", "singular_value", "u", "v" or "v_by_token"}.
+    """
+    if not 1 <= k_vectors <= decomposition.k:
+        raise LLLMError(f"k_vectors must be between 1 and the SVD's {decomposition.k} triplets, got {k_vectors}")
+    d = model.get_input_embeddings().embedding_dim
+    u_tokens = decode_output(decomposition.U[:, :k_vectors].mT, model, tokenizer, k_tokens,
+                             through_norm=through_norm, signs=signs)
+    width = decomposition.Vh.shape[1]
+    if width % d:
+        raise LLLMError(f"right singular vectors of width {width} are not one or more input embeddings of size {d}")
+    right = split_right_vectors(decomposition, width // d)[:k_vectors]  # (k, T, d)
+    n_tokens = right.shape[1]
+    v_tokens = decode_input(right.reshape(-1, d), model, tokenizer, k_tokens, signs=signs)
+    table = []
+    for i in range(k_vectors):
+        entry = {"index": i, "singular_value": float(decomposition.S[i]), "u": u_tokens[i].to_dict()}
+        per_token = [decoded.to_dict() for decoded in v_tokens[i * n_tokens : (i + 1) * n_tokens]]
+        if n_tokens == 1:
+            entry["v"] = per_token[0]
+        else:
+            entry["v_by_token"] = per_token
+        table.append(entry)
+    return table
+
+
+def projection_onto(reference: SVD, decomposition: SVD, k: int = 2) -> torch.Tensor:
+    """P: (k, k), P[a, b] = u_a · ū_b: signed projection of the a-th left singular vector onto the reference's b-th.
+
+    Used for Fig 6B (a layer's top-k onto the final layer's top-k). Signed after the sign
+    convention of `svd`, so both decompositions should be oriented the same way (e.g. by the same
+    reference vector); |P| is independent of it.
+    """
+    if reference.U.shape[0] != decomposition.U.shape[0]:
+        raise LLLMError(f"left singular vectors of different spaces: {reference.U.shape[0]} vs "
+                        f"{decomposition.U.shape[0]} entries")
+    if not 1 <= k <= min(reference.k, decomposition.k):
+        raise LLLMError(f"k must be between 1 and {min(reference.k, decomposition.k)}, got {k}")
+    dtype = torch.promote_types(reference.U.dtype, decomposition.U.dtype)
+    return decomposition.U[:, :k].to(dtype).mT @ reference.U[:, :k].to(dtype)

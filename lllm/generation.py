@@ -1,0 +1,137 @@
+"""Greedy generation, and greedy generation with the detached Jacobian of every prediction (paper Fig. 2).
+
+Fig. 2 generates a few tokens from the BOS token alone and, for every step, shows the J⁺ᵢ blocks
+of that step's prediction and their low-rank spectra. `generate_with_jacobians` returns exactly
+that: for step s, the detached Jacobian of the output embedding predicted from the ids so far
+(prompt + the s tokens already generated), the predicted token, its probability, and optionally
+the top-k singular values of each J⁺ᵢ.
+
+`greedy_continuation` is the plain argmax loop (no KV cache: each step recomputes the whole
+sequence). Steering (lllm.steering) runs the same loop with a hook on one layer, so that the
+normal and the steered continuations differ only by the hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .decompose import token_svds
+from .errors import LLLMError, PromptError
+from .jacobian import JacobianResult, detached_jacobian, tokenize
+
+
+@dataclass
+class GenerationStep:
+    """One greedy step: J⁺ of the prediction from the ids so far, and the token it predicts."""
+
+    jacobian: JacobianResult  # J⁺ of the last output embedding w.r.t. the (T, d) inputs of this step
+    token_id: int
+    token: str
+    probability: float  # softmax probability of token_id under the model's own logits
+    spectrum: torch.Tensor | None  # (T, k): top-k singular values of each J⁺ᵢ, or None when k was not asked
+
+    @property
+    def input_ids(self) -> list[int]:
+        """The ids this step predicts from: the prompt and every token generated before it."""
+        return self.jacobian.token_ids
+
+
+@dataclass
+class GenerationResult:
+    """A greedy continuation with the detached Jacobian of every one of its predictions."""
+
+    prompt_ids: list[int]
+    steps: list[GenerationStep]
+    text: str  # the prompt and the generated tokens, decoded together
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The generated token ids, in order."""
+        return [step.token_id for step in self.steps]
+
+    @property
+    def tokens(self) -> list[str]:
+        """The generated tokens, each decoded on its own."""
+        return [step.token for step in self.steps]
+
+    @property
+    def probabilities(self) -> list[float]:
+        """The probability of each generated token at its step."""
+        return [step.probability for step in self.steps]
+
+
+def start_ids(tokenizer, prompt_or_ids: str | Sequence[int] | torch.Tensor | None) -> list[int]:
+    """Token ids of the prompt, or [BOS] when no prompt is given (the minimal prompt of Fig. 2)."""
+    if prompt_or_ids is not None:
+        return tokenize(tokenizer, prompt_or_ids)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise PromptError("this tokenizer has no BOS token to start from; pass a prompt (text or token ids)")
+    return [int(bos)]
+
+
+def _check_length(model: nn.Module, n_prompt: int, n_tokens: int) -> None:
+    """Refuse a non-positive token count, or a continuation longer than the model's positions."""
+    if not isinstance(n_tokens, int) or n_tokens < 1:
+        raise LLLMError(f"n_tokens must be a positive integer, got {n_tokens!r}")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and n_prompt + n_tokens > max_pos:
+        raise PromptError(f"{n_prompt} prompt tokens + {n_tokens} new tokens exceed the model's {max_pos} positions")
+
+
+def next_token_logits(model: nn.Module, ids: Sequence[int]) -> torch.Tensor:
+    """The model's logits (vocab,) for the token after ids, from a full forward without cache."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([list(ids)], device=model.device), use_cache=False, logits_to_keep=1)
+    return out.logits[0, -1]
+
+
+def greedy_continuation(
+    model: nn.Module,
+    ids: Sequence[int],
+    n_tokens: int,
+    logits_fn: Callable[[nn.Module, list[int]], torch.Tensor] = next_token_logits,
+) -> list[int]:
+    """n_tokens greedy (argmax) token ids after ids; every step recomputes the whole sequence.
+
+    logits_fn(model, ids) -> (vocab,) gives the next-token logits; steering passes a hooked forward.
+    """
+    _check_length(model, len(ids), n_tokens)
+    ids, new = list(ids), []
+    for _ in range(n_tokens):
+        new.append(int(logits_fn(model, ids + new).argmax()))
+    return new
+
+
+def generate_with_jacobians(
+    model: nn.Module,
+    tokenizer,
+    prompt_or_ids: str | Sequence[int] | torch.Tensor | None = None,
+    n_tokens: int = 4,
+    *,
+    k: int | None = None,
+    chunk_size: int | None = None,
+    progress: bool = True,
+    mlp_split: str = "activation",
+) -> GenerationResult:
+    """Greedy generation of n_tokens from a prompt (default [BOS]) with J⁺ of every prediction (Fig. 2).
+
+    k: also keep the top-k singular values of every J⁺ᵢ (d_out, d_in) of every step, (T, k) per step.
+    """
+    prompt = start_ids(tokenizer, prompt_or_ids)
+    _check_length(model, len(prompt), n_tokens)
+    ids, steps = list(prompt), []
+    for _ in tqdm(range(n_tokens), desc="generation steps", disable=not progress, leave=False):
+        result = detached_jacobian(model, tokenizer, ids, chunk_size=chunk_size, progress=progress, mlp_split=mlp_split)
+        logits = next_token_logits(model, ids)
+        token_id = int(logits.argmax())  # the same argmax as greedy_continuation
+        probability = float(torch.softmax(logits.double(), dim=-1)[token_id])
+        spectrum = None if k is None else torch.stack([block.S for block in token_svds(result, k)])
+        steps.append(GenerationStep(result, token_id, tokenizer.decode([token_id]), probability, spectrum))
+        ids.append(token_id)
+    return GenerationResult(prompt_ids=prompt, steps=steps, text=tokenizer.decode(ids))

@@ -1,0 +1,375 @@
+"""Matrix-free top-k singular triplets of the detached Jacobian, for prompts too long to form J.
+
+J⁺ = [J⁺₀ … J⁺_T] is (d_out, T·d_in). Forming it takes d_out reverse passes through all T tokens
+and d_out·T·d_in numbers; the top-k triplets need far fewer products:
+
+- J·V, forward mode ("JVP"): inside `detached(model, record=True)` the replayed network is a fixed
+  linear map of inputs_embeds, so one batched forward of tangents V (B, T, d_in) gives J V (B, d_out).
+  The biases are zeroed for that forward (`functional_call`): the replayed network is linear jointly
+  in (x, biases), so this is exactly J V, without subtracting a constant c that may dwarf it.
+- Jᵀ·U, reverse mode ("VJP"): batched `autograd.grad` on the live graph of y = f(x*) gives
+  Jᵀu (T, d_in) for every token at once.
+
+`topk_svd` is a seeded randomized SVD (Halko, Martinsson & Tropp 2011, range finder with power
+iterations and re-orthonormalization) whose final Rayleigh–Ritz step uses the span of *all* power
+iterates (block Krylov, Musco & Musco 2015) instead of the last one only. That costs no extra
+product and, since the subspace contains HMT's, its singular values are at least as accurate.
+
+Sign convention (as everywhere in lllm): each pair (uⱼ, vⱼ) is oriented so that uⱼ·y ≥ 0, where y is
+the output embedding; the singular vector pair is otherwise defined only up to a joint sign.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import psutil
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from .errors import LLLMError, MemoryBudgetError, PromptError
+from .jacobian import _self_check, embed, estimate_jacobian_bytes, final_hidden, relative_error, tokenize
+from .linearize import Linearization, detached
+
+STRATEGIES = ("auto", "exact", "randomized")
+
+
+class OperatorError(LLLMError, ValueError):
+    """A DetachedOperator misused: wrong tangent shape, k out of range, or use outside its `with` block."""
+
+
+@dataclass
+class ProductCount:
+    """How many Jacobian-vector products an operator has applied, by mode."""
+
+    jvp: int = 0  # forward mode: one replayed forward per tangent
+    vjp: int = 0  # reverse mode: one backward per cotangent, all tokens at once
+
+
+def product_chunk_size(model: nn.Module, n_tokens: int, dtype: torch.dtype, budget: int = 2**28) -> int:
+    """Vectors per batched product: one layer's transient activations stay under `budget` bytes, ≤ 64."""
+    cfg = model.config
+    item = torch.finfo(dtype).bits // 8
+    # per vector and layer: residual (d), MLP (intermediate) and attention scores (heads·T) for
+    # every token, with ~4 such tensors alive at once
+    per_vector = 4 * n_tokens * (cfg.hidden_size + cfg.intermediate_size + cfg.num_attention_heads * n_tokens) * item
+    return max(1, min(64, budget // per_vector))
+
+
+
+
+class DetachedOperator:
+    """J⁺ at one input as a linear operator of shape (d_out, T·d_in), used inside a `with` block.
+
+    On entry one detached forward records every frozen factor and keeps the graph of y, and one
+    forward-mode JVP with tangent x checks the reconstruction without J (`relative_error`; a
+    LinearizationError if it fails).
+    Inside the block the model replays the recorded factors: it is a fixed linear map, not the
+    original model, until exit. Memory: the graph of one forward, plus, per batch of products,
+    about chunk_size × T × (d + intermediate + heads·T) numbers per layer; hence `chunk_size`.
+    """
+
+    def __init__(
+        self, model: nn.Module, x: torch.Tensor, position: int = -1, mlp_split: str = "activation",
+        *, chunk_size: int | None = None,
+    ):
+        d = model.config.hidden_size
+        if x.ndim != 2 or x.shape[1] != d or x.shape[0] == 0:
+            raise OperatorError(f"x must be input embeddings of shape (T ≥ 1, {d}), got {tuple(x.shape)}")
+        if not -x.shape[0] <= position < x.shape[0]:
+            raise PromptError(f"position {position} is outside the {x.shape[0]}-token prompt")
+        self.model, self.inputs, self.mlp_split = model, x.detach(), mlp_split
+        self.position = position % x.shape[0]
+        self.chunk_size = chunk_size or product_chunk_size(model, x.shape[0], x.dtype)
+        self.counts = ProductCount()
+        self.output: torch.Tensor | None = None  # y (d_out,), set on entry
+        self.bias: torch.Tensor | None = None  # c (d_out,) for models with biases, set on entry
+        self.relative_error: float | None = None  # std(y − Σᵢ J⁺ᵢxᵢ − c)/std(y), set on entry
+        self._zero_biases = {n: torch.zeros_like(p) for n, p in model.get_decoder().named_parameters()
+                             if n.endswith(".bias")}
+        self._stack: ExitStack | None = None
+
+    @classmethod
+    def from_prompt(cls, model: nn.Module, tokenizer, prompt_or_ids, **kw) -> DetachedOperator:
+        """The operator of a prompt (text or token ids), embedded by the model's own embedding module."""
+        return cls(model, embed(model, tokenize(tokenizer, prompt_or_ids)), **kw)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.inputs.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.inputs.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(d_out, T·d_in): the token-combined matrix [J⁺₀ … J⁺_T]."""
+        return self.d_out, self.n_tokens * self.d_in
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inputs.dtype
+
+    def __enter__(self) -> DetachedOperator:
+        if self._stack is not None:
+            raise OperatorError("this DetachedOperator is already open")
+        _check_graph_fits(self.model, self.n_tokens, self.chunk_size, self.dtype)
+        self._stack = ExitStack()
+        try:
+            lin = self._stack.enter_context(detached(self.model, mlp_split=self.mlp_split, record=True))
+            with torch.enable_grad():
+                self._x = self.inputs.clone().requires_grad_(True)
+                self._y = final_hidden(self.model, self._x, self.position)  # the live graph the VJPs run on
+            self.output = self._y.detach()
+            lin.record, lin.replay = False, True
+            if self._zero_biases:
+                self.bias = self._replay(torch.zeros_like(self.inputs)[None], zero_biases=False)[0]
+            self._check(lin)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _check(self, lin: Linearization) -> None:
+        """Set `relative_error` from a true forward-mode JVP with tangent x; refuse a replay that differs from it.
+
+        Replaying x itself returns y bit for bit whatever the patches missed, so the reconstruction is
+        checked on the derivative of the live detached network (factors recomputed and detached), and
+        the replayed map that `matvec` uses must then agree with that derivative.
+        """
+        lin.replay = False
+        try:
+            with fwAD.dual_level():
+                dual = fwAD.make_dual(self.inputs, self.inputs)
+                derivative = fwAD.unpack_dual(final_hidden(self.model, dual, self.position)).tangent  # Σᵢ J⁺ᵢxᵢ
+        finally:
+            lin.replay = True
+        constant = 0 if self.bias is None else self.bias
+        self.relative_error = relative_error(self.output, derivative + constant)
+        _self_check(self.relative_error, self.dtype, "the final output embedding")
+        replayed = self.matvec(self.inputs[None])[0]
+        _self_check(relative_error(derivative, replayed), self.dtype, "the replayed linear map (matvec)")
+        self.counts = ProductCount()  # the check's JVP is not the caller's
+
+    def __exit__(self, *exc) -> None:
+        if self._stack is not None:
+            self._stack.close()
+        self._stack = None
+        self._x = self._y = None  # frees the recorded graph
+
+    def _require_open(self) -> None:
+        if self._stack is None:
+            raise OperatorError("the DetachedOperator is closed: use it inside `with DetachedOperator(...) as op:`")
+
+    def _replay(self, inputs_embeds: torch.Tensor, zero_biases: bool) -> torch.Tensor:
+        """(B, d_out): the replayed network at `position` for inputs (B, T, d_in), biases optionally zeroed."""
+        params = self._zero_biases if zero_biases else {}
+        with torch.no_grad():
+            out = functional_call(self.model.get_decoder(), params, args=(),
+                                  kwargs={"inputs_embeds": inputs_embeds, "use_cache": False})
+        return out.last_hidden_state[:, self.position]
+
+    def matvec(self, tangents: torch.Tensor) -> torch.Tensor:
+        """J V: tangents (B, T, d_in) → (B, d_out), by batched forwards of the replayed, bias-free network."""
+        self._require_open()
+        if tangents.ndim != 3 or tangents.shape[1:] != self.inputs.shape:
+            raise OperatorError(f"tangents must have shape (B, {self.n_tokens}, {self.d_in}), got {tuple(tangents.shape)}")
+        out = [self._replay(chunk, zero_biases=True) for chunk in tangents.to(self.dtype).split(self.chunk_size)]
+        self.counts.jvp += tangents.shape[0]
+        return torch.cat(out) if out else tangents.new_zeros(0, self.d_out, dtype=self.dtype)
+
+    def rmatvec(self, cotangents: torch.Tensor) -> torch.Tensor:
+        """Jᵀ U: cotangents (B, d_out) → (B, T, d_in), every token's J⁺ᵢᵀu from one batched backward."""
+        self._require_open()
+        if cotangents.ndim != 2 or cotangents.shape[1] != self.d_out:
+            raise OperatorError(f"cotangents must have shape (B, {self.d_out}), got {tuple(cotangents.shape)}")
+        out = []
+        for chunk in cotangents.to(self.dtype).split(self.chunk_size):
+            (grad,) = torch.autograd.grad(self._y, self._x, grad_outputs=chunk, is_grads_batched=True, retain_graph=True)
+            out.append(grad)
+        self.counts.vjp += cotangents.shape[0]
+        return torch.cat(out) if out else cotangents.new_zeros(0, self.n_tokens, self.d_in, dtype=self.dtype)
+
+
+def _check_graph_fits(model: nn.Module, n_tokens: int, chunk_size: int, dtype: torch.dtype) -> None:
+    """Refuse a prompt whose recorded graph and product buffers would not fit in memory."""
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and n_tokens > max_pos:
+        raise PromptError(f"the prompt has {n_tokens} tokens, more than the model's {max_pos} positions")
+    d, item = model.config.hidden_size, torch.finfo(dtype).bits // 8
+    # the reverse-mode Jacobian's estimate less its two last terms (J and a chunk of its rows), never built here
+    need = estimate_jacobian_bytes(model, n_tokens, chunk_size, dtype) - (d + chunk_size) * n_tokens * d * item
+    available = psutil.virtual_memory().available
+    if need > 0.8 * available:
+        raise MemoryBudgetError(
+            f"the graph of a {n_tokens}-token forward needs about {need / 2**30:.1f} GiB (chunk_size={chunk_size}) "
+            f"but only {available / 2**30:.1f} GiB are available: use a shorter prompt or a smaller chunk_size"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomized top-k SVD
+# ---------------------------------------------------------------------------------------------
+
+
+class _Matrix:
+    """The operator as a plain matrix A (d_out, n): the combined J⁺ (n = T·d_in) or one block J⁺ᵢ (n = d_in)."""
+
+    def __init__(self, op: DetachedOperator, token: int | None):
+        if token is not None and not -op.n_tokens <= token < op.n_tokens:
+            raise OperatorError(f"token {token} is outside the {op.n_tokens}-token prompt")
+        self.op, self.token = op, None if token is None else token % op.n_tokens
+        self.n = op.shape[1] if token is None else op.d_in
+
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        """A v: (n, b) → (d_out, b)."""
+        op, b = self.op, v.shape[1]
+        if self.token is None:
+            tangents = v.T.reshape(b, op.n_tokens, op.d_in)
+        else:  # tangents supported at the one token
+            tangents = v.new_zeros(b, op.n_tokens, op.d_in)
+            tangents[:, self.token] = v.T
+        return op.matvec(tangents).T
+
+    def apply_t(self, u: torch.Tensor) -> torch.Tensor:
+        """Aᵀ u: (d_out, b) → (n, b)."""
+        grads = self.op.rmatvec(u.T)  # (b, T, d_in)
+        return (grads.reshape(u.shape[1], -1) if self.token is None else grads[:, self.token]).T
+
+
+def _orthonormalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis (n, b) of w (n, b) with basis (n, m) projected out; twice, as one pass loses orthogonality."""
+    for _ in range(2):
+        w = w - basis @ (basis.T @ w)
+        w = torch.linalg.qr(w).Q
+    return w
+
+
+def _orient(u: torch.Tensor, v: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip pairs so that uⱼ·y ≥ 0: u (d_out, k), v (k, …), y (d_out,) → the same, oriented."""
+    signs = torch.where(y @ u < 0, -1.0, 1.0).to(u.dtype)  # (k,)
+    return u * signs, v * signs.reshape(-1, *[1] * (v.ndim - 1))
+
+
+def topk_svd(
+    op: DetachedOperator, k: int, *, oversample: int = 8, power_iters: int = 2, seed: int = 0, token: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k triplets of [J⁺₀ … J⁺_T] (token=None) or of J⁺_token: U (d_out, k), S (k,), V (k, T, d_in) or (k, d_in).
+
+    With b = min(k + oversample, d_out, n) it costs at most b·(power_iters + 1) VJPs and as many JVPs,
+    against d_out VJPs for the full J. The sketch starts on the small output side: b random
+    cotangents give b vectors in the row space of J⁺ (all tokens at once), then each power
+    iteration applies J⁺ and J⁺ᵀ; the Rayleigh–Ritz step uses the span of every iterate. The basis
+    stops growing at min(d_out, n) columns, where it holds the whole row space and the result is exact.
+    Deterministic for a given seed (torch.Generator); pairs oriented so that uⱼ·y ≥ 0.
+    """
+    op._require_open()
+    matrix = _Matrix(op, token)
+    max_rank = min(op.d_out, matrix.n)
+    if not 1 <= k <= max_rank:
+        raise OperatorError(f"k must be between 1 and {max_rank} for this matrix, got {k}")
+    if oversample < 0 or power_iters < 0:
+        raise OperatorError(f"oversample and power_iters must be ≥ 0, got {oversample} and {power_iters}")
+    block = min(k + oversample, max_rank)
+    generator = torch.Generator().manual_seed(seed)
+    omega = torch.randn(op.d_out, block, generator=generator, dtype=op.dtype)  # (d_out, b)
+    krylov = torch.zeros(matrix.n, 0, dtype=op.dtype)  # (n, m): orthonormal, grows by b per iteration
+    images = torch.zeros(op.d_out, 0, dtype=op.dtype)  # (d_out, m): A @ krylov
+    w = matrix.apply_t(omega)  # (n, b)
+    for step in range(power_iters + 1):
+        q = _orthonormalize(w, krylov)[:, : max_rank - krylov.shape[1]]
+        aq = matrix.apply(q)  # (d_out, b)
+        krylov, images = torch.cat([krylov, q], 1), torch.cat([images, aq], 1)
+        if step == power_iters or krylov.shape[1] == max_rank:
+            break
+        w = matrix.apply_t(aq)
+    u, s, wh = torch.linalg.svd(images, full_matrices=False)  # A·krylov = u s whᵀ
+    v = (krylov @ wh[:k].T).T  # (k, n)
+    u, v = _orient(u[:, :k], v, op.output)
+    shape = (k, op.n_tokens, op.d_in) if token is None else (k, op.d_in)
+    return u, s[:k], v.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token top-k for every token
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenSpectra:
+    """Top-k singular triplets of every per-token block J⁺ᵢ."""
+
+    S: torch.Tensor  # (T, k)
+    U: torch.Tensor  # (T, d_out, k), oriented so that U[i, :, j]·y ≥ 0
+    V: torch.Tensor  # (T, k, d_in)
+    strategy: str  # "exact" or "randomized"
+    products: ProductCount  # products this call applied
+
+
+def all_token_topk(
+    op: DetachedOperator, k: int, *, strategy: str = "auto", memory_budget: int | None = None,
+    oversample: int = 8, power_iters: int = 2, seed: int = 0, progress: bool = True,
+) -> TokenSpectra:
+    """Top-k triplets of every block J⁺ᵢ, by the strategy that needs fewer products.
+
+    "exact": J⁺ by d_out VJPs (each yields a row of every block at once), kept only for as many tokens
+    as fit in `memory_budget` bytes (default: a quarter of the available memory), so that
+    ⌈T / tokens per pass⌉ passes cost d_out VJPs each; then an SVD per block.
+    "randomized": `topk_svd(token=i)` for every token, about 2·(k + oversample)·(power_iters + 1)
+    products per token. A Gram matrix per token would not save memory: for square blocks
+    T·d_out² numbers are as many as J itself. "auto" counts products (JVPs and VJPs cost about the
+    same per vector; both are one pass over all T tokens) and picks the cheaper.
+    """
+    op._require_open()
+    if strategy not in STRATEGIES:
+        raise OperatorError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if not 1 <= k <= min(op.d_out, op.d_in):
+        raise OperatorError(f"k must be between 1 and {min(op.d_out, op.d_in)}, got {k}")
+    budget = psutil.virtual_memory().available // 4 if memory_budget is None else memory_budget
+    tokens_per_pass = min(op.n_tokens, budget // (op.d_out * op.d_in * (torch.finfo(op.dtype).bits // 8)))
+    exact_cost = math.ceil(op.n_tokens / tokens_per_pass) * op.d_out if tokens_per_pass else math.inf
+    randomized_cost = op.n_tokens * 2 * min(k + oversample, op.d_out, op.d_in) * (power_iters + 1)
+    if strategy == "auto":
+        strategy = "exact" if exact_cost <= randomized_cost else "randomized"
+    if strategy == "exact" and not tokens_per_pass:
+        raise MemoryBudgetError(
+            f"one {op.d_out}×{op.d_in} block does not fit in memory_budget={budget} bytes; "
+            "raise it or use strategy='randomized'"
+        )
+    before = ProductCount(op.counts.jvp, op.counts.vjp)
+    if strategy == "exact":
+        triplets = _exact_blocks(op, k, tokens_per_pass, progress)
+    else:
+        triplets = [topk_svd(op, k, oversample=oversample, power_iters=power_iters, seed=seed, token=i)
+                    for i in tqdm(range(op.n_tokens), desc="per-token top-k", disable=not progress, leave=False)]
+    u, s, v = (torch.stack(parts) for parts in zip(*triplets))
+    used = ProductCount(op.counts.jvp - before.jvp, op.counts.vjp - before.vjp)
+    return TokenSpectra(S=s, U=u, V=v, strategy=strategy, products=used)
+
+
+def _exact_blocks(op: DetachedOperator, k: int, tokens_per_pass: int, progress: bool) -> list[tuple]:
+    """[(U (d_out, k), S (k,), V (k, d_in))] per token, from J⁺ built ⌈T/tokens_per_pass⌉ times by VJPs."""
+    eye = torch.eye(op.d_out, dtype=op.dtype)
+    row_starts = range(0, op.d_out, op.chunk_size)
+    triplets = []
+    for first in range(0, op.n_tokens, tokens_per_pass):
+        tokens = slice(first, min(first + tokens_per_pass, op.n_tokens))
+        blocks = torch.empty(op.d_out, tokens.stop - first, op.d_in, dtype=op.dtype)  # J⁺[:, tokens, :]
+        for start in tqdm(row_starts, desc="J⁺ rows", disable=not progress, leave=False):
+            rows = slice(start, start + op.chunk_size)
+            blocks[rows] = op.rmatvec(eye[rows])[:, tokens]
+        for j in range(blocks.shape[1]):
+            u, s, vh = torch.linalg.svd(blocks[:, j], full_matrices=False)
+            u, vh = _orient(u[:, :k], vh[:k], op.output)
+            triplets.append((u, s[:k], vh))
+    return triplets

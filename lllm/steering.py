@@ -1,0 +1,259 @@
+"""The detached Jacobian of a concept prompt as a steering operator (paper §3.6, eq. 16, Table 4).
+
+    f_L(x) = λ · f_L(x_new) + (1 − λ) · (J⁺_L(x_steer) · x_new + c_L)
+
+f_L is the output of decoder layer L (``decoder.layers[L]``, 0-based, residual stream, *without*
+the final norm): an intermediate activation that continues through layers L+1… . J⁺_L(x_steer)
+is the cumulative detached Jacobian from the concept's input embeddings (T_c, d) to that output at
+*every* concept position: a block lower-triangular (T_c·d × T_c·d) map (causal attention), so that
+f_L(x_steer) = J⁺_L x_steer + c_L row by row. c_L is the image of the biases (Qwen 2's v bias; zero
+for bias-free models). Eq. 16 as printed has no c_L; we keep it, because without it the operator is
+not the concept's map (on Qwen 2.5 c is most of the output), and λ = 0 on the concept prompt itself
+would not give back f_L(x_steer). λ = 1 leaves the model untouched, bit for bit.
+
+Alignment of concept positions with the new sequence (a choice eq. 16 leaves open):
+- right-aligned: the last min(T, T_c) positions of the current sequence are mapped to the concept's
+  last positions, last with last. The last row is the one that predicts the next token, and the
+  concept's last row is the map that produced the concept's own prediction ("… the Golden" →
+  " Gate"), so every prediction is steered by it. Because J⁺_L is block lower-triangular, each
+  steered row still only sees inputs at or before it.
+- rows before that window (a new sequence longer than the concept) receive no steering term and
+  keep f_L(x_new): mixing them with a zero term would scale them by λ, which damps rather than steers.
+- a new sequence shorter than the concept feeds zero input to the concept's first positions (they
+  contribute nothing to the linear term).
+- during generation the window slides: each step recomputes f_L for the grown sequence (no KV cache)
+  and applies the operator to its last min(T, T_c) input embeddings, generated tokens included.
+
+J⁺_L is held as the concept's frozen factors (recorded once, on one detached forward), and applied
+matrix-free: with those factors replayed, layers 0…L are exactly the affine map x ↦ J⁺_L x + c_L, so
+one forward of the T_c-token window gives J⁺_L x_new + c_L without forming the matrix. `jacobian()`
+materializes the matrix (T_c·d forward columns); the tests check that both agree, and that it
+reconstructs f_L(x_steer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import LLLMError
+from .generation import greedy_continuation, next_token_logits
+from .jacobian import embed, tokenize
+from .layers import _basis_chunks, _check_result_fits, _has_biases, _Trace
+from .linearize import detached
+
+DEFAULT_LAMS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.0)
+
+
+def default_layer(model: nn.Module) -> int:
+    """round(2/3 · n_layers), the paper's intervention depth (24/36, 33/48), as a 0-based layer index."""
+    n_layers = model.config.num_hidden_layers
+    return min(n_layers - 1, round(2 * n_layers / 3))
+
+
+def _resolve_layer(model: nn.Module, layer: int | None) -> int:
+    n_layers = model.config.num_hidden_layers
+    if layer is None:
+        return default_layer(model)
+    if not isinstance(layer, int) or not -n_layers <= layer < n_layers:
+        raise LLLMError(f"layer must be an integer in [-{n_layers}, {n_layers}) for this {n_layers}-layer model, "
+                        f"got {layer!r}")
+    return layer % n_layers
+
+
+def _layer_output(model: nn.Module, layer: int, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    """f_L: (B, T, d), the output of decoder layer `layer` for inputs_embeds (B, T, d); later layers are skipped."""
+    with _Trace(model, [layer], ("layer",), stop=True) as trace:
+        model.get_decoder()(inputs_embeds=inputs_embeds, use_cache=False)
+    return trace.outputs[(layer, "layer")]
+
+
+@dataclass
+class SteeringOperator:
+    """J⁺_L(x_steer) (+ c_L) of a concept prompt at layer L, held as its recorded frozen factors."""
+
+    model: nn.Module
+    layer: int
+    token_ids: list[int]
+    tokens: list[str]
+    inputs: torch.Tensor  # (T_c, d): x_steer, the concept's input embeddings
+    output: torch.Tensor  # (T_c, d): f_L(x_steer) from the detached forward (= J⁺_L x_steer + c_L)
+    bias: torch.Tensor | None  # (T_c, d): c_L, the image of the biases; None for bias-free models
+    mlp_split: str = "activation"
+    factors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # frozen at x_steer, layers ≤ L
+
+    @property
+    def n_tokens(self) -> int:
+        """T_c, the concept's length."""
+        return len(self.token_ids)
+
+    def _replay(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """The concept's affine layer-L map applied to a batch (B, T_c, d): (B, T_c, d)."""
+        with detached(self.model, mlp_split=self.mlp_split) as lin, torch.no_grad():
+            lin.factors, lin.replay = self.factors, True
+            return _layer_output(self.model, self.layer, inputs_embeds)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """J⁺_L x + c_L for the last W = min(T, T_c) rows of inputs x: (T, d), right-aligned: (W, d)."""
+        n_new, n_concept = x.shape[0], self.n_tokens
+        width = min(n_new, n_concept)
+        window = x.new_zeros(n_concept, x.shape[1])  # positions with no new input contribute nothing
+        window[n_concept - width :] = x[n_new - width :]
+        return self._replay(window[None])[0, n_concept - width :]
+
+    def jacobian(self, chunk_size: int = 256, progress: bool = False) -> torch.Tensor:
+        """The materialized J⁺_L: (T_c, d_out, T_c, d_in), J[p, :, q, :] = ∂f_L[p] / ∂x_q (zero for q > p)."""
+        n, d = self.inputs.shape
+        _check_result_fits(n, d, n, d, self.inputs.dtype)
+        jac = torch.empty(n, d, n * d, dtype=self.inputs.dtype)
+        chunks = list(_basis_chunks(n, d, chunk_size, self.inputs.dtype))
+        for cols, basis in tqdm(chunks, desc="concept J⁺_L columns", disable=not progress, leave=False):
+            columns = self._replay(basis)  # (B, T_c, d): J⁺_L e + c_L
+            if self.bias is not None:
+                columns = columns - self.bias
+            jac[:, :, cols] = columns.permute(1, 2, 0)
+        return jac.view(n, d, n, d)
+
+
+def concept_operator(
+    model: nn.Module, tokenizer, concept: str | Sequence[int] | torch.Tensor, *, layer: int | None = None,
+    mlp_split: str = "activation",
+) -> SteeringOperator:
+    """Record J⁺_L of the concept prompt at layer L (default round(2/3 · n_layers)): one detached forward."""
+    layer = _resolve_layer(model, layer)
+    token_ids = tokenize(tokenizer, concept)
+    x = embed(model, token_ids)  # (T_c, d)
+    with detached(model, mlp_split=mlp_split, record=True) as lin, torch.no_grad():
+        output = _layer_output(model, layer, x[None])[0]
+        lin.replay = True
+        bias = _layer_output(model, layer, torch.zeros_like(x)[None])[0] if _has_biases(model) else None
+    return SteeringOperator(model=model, layer=layer, token_ids=token_ids, tokens=[tokenizer.decode([i]) for i in token_ids],
+                            inputs=x, output=output.detach(), bias=bias, mlp_split=mlp_split, factors=lin.factors)
+
+
+def _check_lam(lam: float) -> float:
+    if not isinstance(lam, (int, float)) or not math.isfinite(lam):
+        raise LLLMError(f"λ (lam) must be a finite number (1 leaves the model untouched, 0 is the operator alone), got {lam!r}")
+    return float(lam)
+
+
+@contextmanager
+def _mixed_layer(operator: SteeringOperator, steer_rows: torch.Tensor, lam: float) -> Iterator[None]:
+    """Inside: decoder layer L's output has its last W rows replaced by λ·f_L + (1 − λ)·steer_rows (W, d)."""
+    width = steer_rows.shape[0]
+
+    def hook(module: nn.Module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output  # (B, T, d)
+        mixed = hidden.clone()
+        mixed[:, -width:] = lam * hidden[:, -width:] + (1.0 - lam) * steer_rows
+        return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
+
+    handle = operator.model.get_decoder().layers[operator.layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def steered_activation(operator: SteeringOperator, ids: Sequence[int], lam: float) -> torch.Tensor:
+    """Eq. 16's layer-L activation for ids: (T, d), as the remaining layers receive it."""
+    lam = _check_lam(lam)
+    x = embed(operator.model, ids)
+    with _mixed_layer(operator, operator.apply(x), lam), torch.no_grad():
+        return _layer_output(operator.model, operator.layer, x[None])[0]
+
+
+def steered_logits(operator: SteeringOperator, ids: Sequence[int], lam: float) -> torch.Tensor:
+    """Next-token logits (vocab,) after ids with eq. 16 applied at layer L."""
+    lam = _check_lam(lam)
+    steer_rows = operator.apply(embed(operator.model, ids))  # before the forward: the replay is a forward too
+    with _mixed_layer(operator, steer_rows, lam):
+        return next_token_logits(operator.model, ids)
+
+
+def steered_continuation(operator: SteeringOperator, ids: Sequence[int], lam: float, n_tokens: int) -> list[int]:
+    """n_tokens greedy token ids after ids, with eq. 16 applied at every step to the grown sequence."""
+    lam = _check_lam(lam)
+    return greedy_continuation(operator.model, ids, n_tokens, lambda model, seq: steered_logits(operator, seq, lam))
+
+
+@dataclass
+class SteeringResult:
+    """Normal and steered greedy continuations of one prompt, for one λ."""
+
+    concept: str
+    prompt: str
+    layer: int
+    lam: float
+    prompt_ids: list[int]
+    normal_ids: list[int]
+    steered_ids: list[int]
+    normal_text: str  # the prompt and its normal continuation, decoded together
+    steered_text: str  # the prompt and its steered continuation
+
+    @property
+    def changed(self) -> bool:
+        """Whether steering changed any generated token."""
+        return self.normal_ids != self.steered_ids
+
+
+def lambda_sweep(
+    model: nn.Module,
+    tokenizer,
+    concept: str | Sequence[int] | torch.Tensor,
+    prompt: str | Sequence[int] | torch.Tensor,
+    lams: Sequence[float] = DEFAULT_LAMS,
+    *,
+    layer: int | None = None,
+    n_tokens: int = 8,
+    mlp_split: str = "activation",
+) -> list[SteeringResult]:
+    """steer() for every λ in lams, with J⁺_L of the concept and the normal continuation computed once."""
+    lams = [_check_lam(lam) for lam in lams]
+    operator = concept_operator(model, tokenizer, concept, layer=layer, mlp_split=mlp_split)
+    prompt_ids = tokenize(tokenizer, prompt)
+    normal = greedy_continuation(model, prompt_ids, n_tokens)
+    concept_text = concept if isinstance(concept, str) else tokenizer.decode(operator.token_ids)
+    prompt_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids)
+    results = []
+    for lam in lams:
+        steered = steered_continuation(operator, prompt_ids, lam, n_tokens)
+        results.append(SteeringResult(
+            concept=concept_text, prompt=prompt_text, layer=operator.layer, lam=lam, prompt_ids=prompt_ids,
+            normal_ids=normal, steered_ids=steered, normal_text=tokenizer.decode(prompt_ids + normal),
+            steered_text=tokenizer.decode(prompt_ids + steered),
+        ))
+    return results
+
+
+def steer(
+    model: nn.Module,
+    tokenizer,
+    concept: str | Sequence[int] | torch.Tensor,
+    prompt: str | Sequence[int] | torch.Tensor,
+    *,
+    lam: float,
+    layer: int | None = None,
+    n_tokens: int = 8,
+    mlp_split: str = "activation",
+) -> SteeringResult:
+    """Greedy continuation of prompt, normal and steered by the concept's J⁺_L with weight λ (eq. 16)."""
+    return lambda_sweep(model, tokenizer, concept, prompt, (lam,), layer=layer, n_tokens=n_tokens, mlp_split=mlp_split)[0]
+
+
+def sweep_table(results: Sequence[SteeringResult]) -> str:
+    """A markdown table of a λ sweep: the normal continuation, then one row per λ."""
+    if not results:
+        raise LLLMError("no steering results to tabulate")
+    first = results[0]
+    cell = lambda text: text.replace("|", "\\|").replace("\n", "⏎")  # noqa: E731
+    rows = [f"concept {first.concept!r}, layer {first.layer}, prompt {first.prompt!r}", "",
+            "| λ | continuation |", "|---|---|", f"| normal | {cell(first.normal_text)} |"]
+    rows += [f"| {r.lam:g} | {cell(r.steered_text)} |" for r in results]
+    return "\n".join(rows)

@@ -1,0 +1,153 @@
+"""The built book in headless Chromium: pages render, images load, MathJax typesets, nothing leaves the machine.
+
+Serves book/_build/html on 127.0.0.1 from a background thread and drives Debian's Chromium through
+Playwright. It checks the test book built by tests/test_book.py (tiny-model notebooks), and also the
+repository's own book when `lllm book` has built it (book/_build/html). Every request the pages make
+is recorded; any to another host is blocked and fails the test.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from test_book import REPO, built_book
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOTS = REPO / "book" / "_build" / "screenshots"
+LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed (apt-get install chromium)")
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """A static file handler that does not log every request to stderr."""
+
+    def log_message(self, format, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def serve():
+    """serve(html_dir) -> base URL of a 127.0.0.1 server for that directory; all stopped at the end."""
+    servers = []
+
+    def start(html_dir: Path) -> str:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=html_dir))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def is_local(url: str) -> bool:
+    """True for the local server, and for data:/blob: URLs, which never reach the network."""
+    parts = urlsplit(url)
+    return parts.scheme in ("data", "blob") or (parts.scheme in ("http", "https") and parts.hostname in LOCAL_HOSTS)
+
+
+def open_page(browser, url: str) -> tuple:
+    """(page, every requested URL, the non-local ones, JS errors) after `url` loaded and MathJax finished."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    requested, external, errors = [], [], []
+
+    def route(route):
+        requested.append(route.request.url)
+        if is_local(route.request.url):
+            route.continue_()
+        else:
+            external.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", route)
+    page = context.new_page()
+    page.on("websocket", lambda ws: external.append(ws.url))
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(url, wait_until="networkidle")
+    if page.locator('script[src*="mathjax"]').count():  # Sphinx adds MathJax only to pages with math
+        page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise", timeout=20_000)
+        page.evaluate("() => MathJax.startup.promise")
+    # load every image now (a lazy one below the fold would otherwise still be empty)
+    page.evaluate("""() => Promise.all([...document.images].map(img => {
+        img.loading = 'eager'; return img.decode().catch(() => null); }))""")
+    page.wait_for_load_state("networkidle")
+    return page, requested, external, errors
+
+
+def check_page(browser, url: str, *, min_images: int, min_math: int):
+    """Open `url` and assert that it rendered completely and locally; the page, for a screenshot."""
+    page, requested, external, errors = open_page(browser, url)
+    assert not external, f"{url} tried to reach other machines: {external}"
+    assert requested and all(is_local(r) for r in requested)
+    assert not errors, f"{url} raised JavaScript errors: {errors}"
+    images = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.currentSrc || i.src, i.naturalWidth])")
+    assert len(images) >= min_images, f"{url} shows {len(images)} images, expected at least {min_images}"
+    broken = [src for src, width in images if width == 0]
+    assert not broken, f"{url}: images that did not load: {broken}"
+    math = page.locator("mjx-container").count()
+    assert math >= min_math, f"{url}: {math} typeset formulas, expected at least {min_math}"
+    text = page.inner_text("article")
+    for raw in ("$$", "\\(", "\\[", "\\begin{"):
+        assert raw not in text, f"{url}: untypeset math {raw!r} is visible"
+    return page
+
+
+def figure_pages(html: Path) -> list[Path]:
+    """Executed-notebook pages (generated/<chapter>/<model>.html) that contain an image."""
+    pages = sorted(p for p in html.glob("generated/*/*.html") if p.parent.name != "chapters")
+    return [p for p in pages if "<img" in p.read_text()]
+
+
+def screenshot(page, name: str) -> Path:
+    """Save a full-page screenshot under book/_build/screenshots and print where."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    print(f"\nscreenshot: {path}")
+    return path
+
+
+def test_test_book_renders_offline(tmp_path_factory, serve, browser):
+    built = built_book(tmp_path_factory.mktemp("lllm-book"))
+    assert built["report"].built, "\n".join(built["report"].build_errors)
+    base = serve(built["book_dir"] / "_build" / "html")
+    check_page(browser, base + "index.html", min_images=0, min_math=2)
+    check_page(browser, base + "method.html", min_images=0, min_math=20)
+    check_page(browser, base + "generated/compare/all-models.html", min_images=1, min_math=1)
+    page = check_page(browser, base + "generated/tiny-figure/tiny.html", min_images=1, min_math=2)
+    assert screenshot(page, "test-book-figure").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(not (REPO / "book" / "_build" / "html" / "index.html").exists(),
+                    reason="the repository's book has not been built (run `lllm book --fast`)")
+def test_repository_book_renders_offline(serve, browser):
+    html = REPO / "book" / "_build" / "html"
+    base = serve(html)
+    check_page(browser, base + "index.html", min_images=0, min_math=2)
+    pages = figure_pages(html)
+    assert pages, "the built book has no executed notebook with a figure"
+    for path in pages:
+        page = check_page(browser, base + path.relative_to(html).as_posix(), min_images=1, min_math=0)
+    screenshot(page, "book-figure")

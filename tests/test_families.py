@@ -1,0 +1,92 @@
+"""Every supported family, on a tiny random model of transformers' own class: exactness of J⁺."""
+
+import pytest
+import torch
+
+import lllm
+from tiny import FAMILY_CONFIGS, IdsTokenizer, tiny_model
+
+FAMILIES = sorted(FAMILY_CONFIGS)
+PROMPT = "1 5 9 17 33 41 60 77 80 12"  # 10 tokens: longer than Gemma's/Mistral's sliding window of 4
+TOK = IdsTokenizer()
+MAX_ERROR = {torch.float32: 5e-6, torch.float64: 1e-12}
+
+
+def _logits(model, prompt=PROMPT):
+    ids = torch.tensor([[int(t) for t in prompt.split()]])
+    return model(ids).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_is_bitwise_unchanged_in_float32(family):
+    model = tiny_model(family, torch.float32)
+    reference = _logits(model)
+    for split in lllm.linearize.MLP_SPLITS:
+        with lllm.detached(model, mlp_split=split):
+            assert torch.equal(_logits(model), reference), split
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_detached_jacobian_reconstructs_output(family, dtype):
+    model = tiny_model(family, dtype)
+    result = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+    assert result.jacobian.shape == (32, 10, 32) and result.jacobian.dtype == dtype
+    assert result.relative_error <= MAX_ERROR[dtype]
+    # y is what the model itself computes after its final norm at the last position
+    with torch.no_grad():
+        hidden = model(torch.tensor([result.token_ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+    torch.testing.assert_close(result.output, hidden, rtol=1e-5 if dtype == torch.float32 else 1e-7, atol=1e-6)
+    # the alternative split freezes a different factor: J⁺ changes, y and exactness do not
+    other = lllm.detached_jacobian(model, TOK, PROMPT, progress=False, mlp_split="gate")
+    assert torch.equal(other.output, result.output)
+    assert other.relative_error <= MAX_ERROR[dtype]
+    assert (other.jacobian - result.jacobian).norm() > 1e-3 * result.jacobian.norm()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ordinary_jacobian_does_not_reconstruct(family, dtype):
+    model = tiny_model(family, dtype)
+    assert lllm.ordinary_jacobian(model, TOK, PROMPT, progress=False).relative_error >= 1e-2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_are_ordinary_again_after_exit(family):
+    model = tiny_model(family, torch.float64)
+    ordinary = lllm.ordinary_jacobian(model, TOK, PROMPT, progress=False).jacobian
+    with lllm.detached(model):
+        pass
+    lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+    after = lllm.ordinary_jacobian(model, TOK, PROMPT, progress=False).jacobian
+    assert torch.equal(after, ordinary)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_float64_avoids_the_float32_norm_upcast():
+    """transformers' RMSNorm upcasts to float32; lllm keeps float64 so the error reaches ~1e-15."""
+    model = tiny_model("llama", torch.float64)
+    result = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+    assert result.relative_error < 1e-13
+
+
+def test_qwen2_biases_make_the_map_affine_and_c_is_independent_of_y():
+    model = tiny_model("qwen2", torch.float64)
+    result = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+    assert result.bias is not None and result.bias.norm() > 1e-3 * result.output.norm()
+    linear_part = torch.einsum("otd,td->o", result.jacobian, result.inputs)
+    assert lllm.relative_error(result.output, linear_part) > 1e-3  # without c the reconstruction fails
+    assert result.relative_error <= 1e-12
+    # c is the network's response to its biases alone: zeroing the v bias removes it
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.bias.zero_()
+    assert lllm.detached_jacobian(model, TOK, PROMPT, progress=False).bias.abs().max() < 1e-12
+
+
+def test_gemma_input_embeddings_include_the_sqrt_d_scale():
+    model = tiny_model("gemma3", torch.float64)
+    result = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+    raw = model.get_input_embeddings().weight[result.token_ids]
+    torch.testing.assert_close(result.inputs, raw * model.config.hidden_size**0.5)
