@@ -64,13 +64,9 @@ def _next_tokens(model: nn.Module, tokenizer, y: torch.Tensor, k: int) -> list[d
 
 
 def _spectra_and_top(jac: LayerJacobians, component: str, reference: torch.Tensor, k: int):
-    """(L, r) singular values and (L, d, k) top left singular vectors of each layer's combined matrix."""
-    spectra, tops = [], []
-    for ell in jac.layers:
-        decomposition = dec.svd(jac.combined(component, ell), reference=reference)
-        spectra.append(decomposition.S)
-        tops.append(decomposition.U[:, :k])
-    return torch.stack(spectra), torch.stack(tops)
+    """(L, d) singular values and (L, d, k) top left singular vectors of each layer's combined matrix."""
+    pairs = [dec.left_spectrum(jac.combined(component, ell), k, reference=reference) for ell in jac.layers]
+    return torch.stack([s for s, _ in pairs]), torch.stack([u for _, u in pairs])
 
 
 def analyze(
@@ -109,8 +105,7 @@ def analyze(
     layer_spectra, layer_top_u = {}, {}
     for comp in components:
         layer_spectra[comp], layer_top_u[comp] = _spectra_and_top(cumulative, comp, final.output, k_vectors)
-    layerwise_spectra = {c: torch.stack([torch.linalg.svdvals(layerwise.combined(c, ell)) for ell in layerwise.layers])
-                         for c in components}
+    layerwise_spectra = {c: _spectra_and_top(layerwise, c, final.output, 1)[0] for c in components}
     timings["svds"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

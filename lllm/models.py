@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import re
 import struct
 import tempfile
@@ -296,6 +297,30 @@ def _from_pretrained(cls: Any, source: dict[str, Any], **kwargs: Any) -> Any:
         raise
 
 
+def _dense_copy(source: dict[str, Any], dtype: torch.dtype) -> Path | None:
+    """Where the dequantized copy of a GGUF with a known sha256 lives (per dtype and transformers version)."""
+    if not source["gguf_file"] or not source["sha256"]:
+        return None
+    import transformers
+
+    tag = f"{source['sha256'][:16]}-tf{transformers.__version__}-{str(dtype).removeprefix('torch.')}"
+    return cache_dir() / "dense" / tag
+
+
+def _write_dense_copy(model: Any, tokenizer: Any, target: Path) -> None:
+    """save_pretrained into a temporary sibling, then one rename: readers never see half a copy."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "complete").write_text("dequantized from a sha256-verified GGUF\n")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, target)
+    except OSError:  # another process won the race, or the disk is full: the copy is only a speed-up
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load(
     name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, *, device: str | torch.device = "cpu"
 ) -> tuple[Any, Any]:
@@ -308,8 +333,16 @@ def load(
     if source["gguf_file"]:
         # Plain dense weights in `dtype`: packed GGUF blocks would compute in float32 and hide the linear maps.
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    tokenizer = _from_pretrained(AutoTokenizer, source)  # first: it fails faster on a bad file
-    model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
+    dense = _dense_copy(source, dtype)
+    if dense is not None and (dense / "complete").exists():
+        # The sha256-verified GGUF was dequantized before: its dense copy loads in seconds, not ~30 s.
+        tokenizer = AutoTokenizer.from_pretrained(dense)
+        model = AutoModelForCausalLM.from_pretrained(dense, dtype=dtype, attn_implementation="eager")
+    else:
+        tokenizer = _from_pretrained(AutoTokenizer, source)  # first: it fails faster on a bad file
+        model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
+        if dense is not None:
+            _write_dense_copy(model, tokenizer, dense)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -24,10 +24,13 @@ parts, atomically, once every prompt has a row. A prompt that raises records the
 (the `error` column) and the sweep goes on; a batch lost to the machinery (a worker that keeps
 dying) leaves its prompts missing for the next run and fails the run with `SweepIncompleteError`.
 
-Cost (SmolLM2-135M, float32, one thread, ~7 tokens): the cumulative Jacobians of all 30 layers
-(forward mode: T·d tangents through every layer) dominate, several times the final J⁺ alone. They
-are needed only for the stable rank by depth; `layers="none"` (the CLI's --fast) skips them and
-`layers="every:K"` keeps every K-th layer counted back from the last (see `resolve_layers`).
+Cost, measured in CPU seconds on SmolLM2-135M (float32, one thread): the default is faithful, every
+layer/attention/MLP output of all 30 layers. Its cumulative Jacobians take T·d forward tangents,
+each T tokens long, so a prompt costs about 2·T² s (104 s at T = 7, 238 s at T = 11): about 3.5
+CPU-hours for the bundled 113 prompts. `FAST` (the CLI's --fast) keeps the layer outputs of every
+third layer, by reverse mode (d rows through ℓ+1 layers each): about 6·T s a prompt (44 s at T = 7),
+an hour and a half of CPU for the bundled set, under an hour on two cores. `layers="none"` skips
+the depth profile: the final J⁺ alone, about 1.2·T s a prompt.
 """
 
 from __future__ import annotations
@@ -58,15 +61,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .commands import DTYPES
+from .decompose import decode_output, per_token_stable_rank, stable_rank, svd
 from .errors import LLLMError
+from .jacobian import JacobianResult, check_fits, default_chunk_size, detached_jacobian, embed, tokenize
+from .layers import COMPONENTS, METHODS, cumulative_jacobians
 from .store import _fsync_dir
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("layer", "attn", "mlp")  # as in lllm.layers; repeated so that importing this module stays light
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 DEFAULT_LOADER = "lllm.models:load"
 ENGINES = ("local", "dask")
+# The stable rank by depth in about a third of the faithful time (see the module docstring).
+FAST = {"layers": "every:3", "components": ("layer",), "method": "reverse"}
 
 # One row per (model, prompt). Fixed, so that parts of successful and failed prompts concatenate.
 SCHEMA = pa.schema([
@@ -184,8 +191,6 @@ def _stable_ranks(matrices: torch.Tensor) -> list[float]:
     From the eigenvalues of the (d, d) Gram matrix J Jᵀ in float64 (S² = its eigenvalues): the same
     quantity as lllm.decompose.stable_rank, about ten times faster than an SVD of a (576, 7·576) J.
     """
-    from .decompose import stable_rank
-
     ranks = []
     for matrix in matrices:
         wide = matrix.double()
@@ -209,14 +214,11 @@ def analyze_prompt(
     *,
     layers: str = "all",
     components: Sequence[str] = COMPONENTS,
+    method: str = "auto",
     top_k: int = 5,
     u_vectors: int = 3,
 ) -> dict[str, Any]:
     """The analysis columns of one prompt's row (see SCHEMA); raises on a prompt that cannot be analyzed."""
-    from .decompose import decode_output, per_token_stable_rank, svd
-    from .jacobian import JacobianResult, check_fits, default_chunk_size, detached_jacobian, embed, tokenize
-    from .layers import cumulative_jacobians
-
     token_ids = tokenize(tokenizer, prompt)
     d = model.config.hidden_size
     dtype = model.get_input_embeddings().weight.dtype
@@ -229,7 +231,7 @@ def analyze_prompt(
     cumulative, max_error = None, None
     if layer_list:
         cumulative = cumulative_jacobians(model, tokenizer, token_ids, layers=layer_list, components=components,
-                                          progress=False)
+                                          method=method, progress=False)
         for comp in components:
             jac = cumulative.jacobian[comp]
             ranks[comp] = _stable_ranks(jac.reshape(*jac.shape[:2], -1))
@@ -282,6 +284,7 @@ class SweepConfig:
     dtype: str = "float32"
     layers: str = "all"
     components: tuple[str, ...] = COMPONENTS
+    method: str = "auto"  # of the cumulative Jacobians; the rows are the same up to rounding
     top_k: int = 5
     u_vectors: int = 3
     loader: str = DEFAULT_LOADER  # "module:function" called as function(model, dtype) -> (model, tokenizer)
@@ -333,7 +336,7 @@ def _run_batch(config: SweepConfig, batch: list[str], threads: int) -> list[dict
                "prompt_id": prompt_id(prompt), "prompt": prompt, "lllm_version": config.lllm_version}
         try:
             row.update(analyze_prompt(model, tokenizer, prompt, layers=config.layers, components=config.components,
-                                      top_k=config.top_k, u_vectors=config.u_vectors))
+                                      method=config.method, top_k=config.top_k, u_vectors=config.u_vectors))
         except Exception as exc:  # any failure of one prompt is recorded and the sweep goes on
             row["error"] = f"{type(exc).__name__}: {exc}"
         row["seconds"] = time.perf_counter() - start
@@ -515,6 +518,7 @@ def run_sweep(
     dtype: str = "float32",
     layers: str = "all",
     components: Sequence[str] = COMPONENTS,
+    method: str = "auto",
     threads: int = 1,
     loader: str | Callable = DEFAULT_LOADER,
     progress: bool = True,
@@ -535,6 +539,8 @@ def run_sweep(
     bad = [c for c in components if c not in COMPONENTS]
     if bad or not components:
         raise SweepError(f"components must be a non-empty subset of {COMPONENTS}, got {list(components)}")
+    if method not in METHODS:
+        raise SweepError(f"method must be one of {METHODS}, got {method!r}")
     if min(batch_size, workers, threads) < 1:
         raise SweepError(f"batch_size, workers and threads must be ≥ 1, got {batch_size}, {workers}, {threads}")
     if callable(loader):
@@ -544,7 +550,7 @@ def run_sweep(
                           else prompts)
     if not prompt_list:
         raise SweepError("there are no prompts to analyze")
-    config = SweepConfig(model=model_name, dtype=dtype, layers=layers, components=tuple(components),
+    config = SweepConfig(model=model_name, dtype=dtype, layers=layers, components=tuple(components), method=method,
                          loader=loader, lllm_version=lllm.__version__)
     store = PartStore(out)
     store.open(config)
@@ -674,8 +680,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per task and per committed part file")
     parser.add_argument("--layers", default="all",
                         help="cumulative Jacobians of: all | none | every:K | 0,5,-1 (default: all)")
-    parser.add_argument("--fast", action="store_true", help="same as --layers none: no stable rank by depth")
     parser.add_argument("--components", default=",".join(COMPONENTS), help="of layer,attn,mlp")
+    parser.add_argument("--method", choices=METHODS, default="auto", help="of the cumulative Jacobians")
+    parser.add_argument("--fast", action="store_true",
+                        help="--layers every:3 --components layer --method reverse: about a third of the time")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per process; 1 keeps rows identical across engines")
     parser.add_argument("--loader", default=DEFAULT_LOADER, help="module:function returning (model, tokenizer)")
@@ -684,14 +692,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the sweep and print its headline statistics."""
-    if args.fast and args.layers != "all":
-        raise SweepError("--fast is --layers none; pass one of them")
+    analysis = {"layers": args.layers, "components": tuple(c.strip() for c in args.components.split(",") if c.strip()),
+                "method": args.method}
+    if args.fast:
+        if (args.layers, args.components, args.method) != ("all", ",".join(COMPONENTS), "auto"):
+            raise SweepError("--fast sets --layers, --components and --method; pass either --fast or those")
+        analysis = FAST
     start = time.perf_counter()
     df = run_sweep(
         args.model, args.prompts, args.out, engine=args.engine, workers=args.workers, scheduler=args.scheduler,
-        batch_size=args.batch_size, dtype=args.dtype, layers="none" if args.fast else args.layers,
-        components=[c.strip() for c in args.components.split(",") if c.strip()], threads=args.threads,
-        loader=args.loader, progress=not args.no_progress,
+        batch_size=args.batch_size, dtype=args.dtype, threads=args.threads, loader=args.loader,
+        progress=not args.no_progress, **analysis,
     )
     summary = summarize_sweep(df)
     last_run = PartStore(args.out).runs()[-1]

@@ -13,6 +13,7 @@ from lllm.decompose import (
     combined_svd, decode_input, decode_output, decode_svd, per_token_stable_rank, projection_onto,
     row_col_features, split_right_vectors, stable_rank, svd, token_svds,
 )
+import lllm.decompose as dec
 from lllm.errors import LLLMError, UnsupportedModelError
 from lllm.linearize import detached
 
@@ -323,3 +324,14 @@ def test_smollm2_decoded_output_is_the_greedy_token(smollm2):
           f"relative error {result.relative_error:.2e}")
     for row in table:
         print(f"  σ{row['index']} = {row['singular_value']:.4g}  U: {row['u']['tokens']}  V: {row['v']['tokens']}")
+
+
+def test_left_spectrum_matches_the_full_svd_of_a_wide_matrix():
+    gen = torch.Generator().manual_seed(3)
+    matrix = torch.randn(24, 200, dtype=torch.float64, generator=gen) * torch.logspace(0, -3, 24, dtype=torch.float64)[:, None]
+    reference = torch.randn(24, dtype=torch.float64, generator=gen)
+    S, U = dec.left_spectrum(matrix, 4, reference=reference)
+    full = dec.svd(matrix, reference=reference)
+    torch.testing.assert_close(S, full.S, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(U, full.U[:, :4], rtol=0, atol=1e-9)
+    assert abs(dec.stable_rank(S) - dec.stable_rank(full)) < 1e-9

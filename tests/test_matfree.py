@@ -37,11 +37,10 @@ def test_products_equal_the_full_reverse_jacobian(family):
         torch.testing.assert_close(reverse, full.jacobian, rtol=0, atol=1e-10)
         torch.testing.assert_close(op.output, full.output, rtol=0, atol=1e-12)
         assert op.relative_error <= 1e-12
-        if full.bias is None:
-            assert op.bias is None
-        else:  # qwen2: the constant from a replayed zero input equals jacobian.py's JVP over the biases
-            assert full.bias.abs().max() > 0.1
-            torch.testing.assert_close(op.bias, full.bias, rtol=0, atol=1e-12)
+        assert (op.bias is None) == (family != "qwen2")  # only qwen2 has biases (on q, k and v)
+        if op.bias is not None:  # y = J⁺x + c, with c far from negligible
+            assert op.bias.abs().max() > 0.1
+            torch.testing.assert_close(op.matvec(op.inputs[None])[0] + op.bias, op.output, rtol=0, atol=1e-12)
 
 
 def test_float32_products_and_reconstruction():
@@ -147,17 +146,8 @@ def test_model_is_restored_and_operator_refuses_misuse():
 
 
 def test_a_missed_nonlinearity_is_refused(monkeypatch):
-    """If frozen factors stayed live, replaying x would still return y; the JVP check must catch it."""
-
-    def live(self, key, compute):
-        if self.replay:
-            return self.factors[key]
-        value = compute()  # not detached: the nonlinearity leaks into the derivative
-        if self.record:
-            self.factors[key] = value.detach()
-        return value
-
-    monkeypatch.setattr(Linearization, "frozen", live)
+    """With the factors left live, J no longer reconstructs y: the operator must refuse to open."""
+    monkeypatch.setattr(Linearization, "frozen", lambda self, key, compute: compute())
     model = tiny_model("llama", torch.float64)
     with pytest.raises(LinearizationError):
         with DetachedOperator.from_prompt(model, TOK, PROMPT):
@@ -167,7 +157,7 @@ def test_a_missed_nonlinearity_is_refused(monkeypatch):
 
 # ---------------------------------------------------------------- real weights (slow; run by default)
 
-# 64 SmolLM2 tokens of this text (it has 90): a prompt long enough that J⁺ has 64 blocks.
+# the first 64 of this text's 96 SmolLM2 tokens: a prompt long enough that J⁺ has 64 blocks.
 LONG_PROMPT = (
     "The Golden Gate Bridge spans the strait between San Francisco Bay and the Pacific Ocean. "
     "When it opened in 1937 it was the longest suspension bridge in the world, and its towers, painted "
@@ -193,6 +183,6 @@ def test_smollm2_64_tokens_top8_match_the_full_svd(smollm2):
     s_full = torch.linalg.svdvals(full.combined.double())[:8]
     with DetachedOperator.from_prompt(model, tokenizer, ids) as op:
         assert op.relative_error <= 1e-5
-        u, s, v = topk_svd(op, 8)
-        assert op.counts.vjp + op.counts.jvp < 576 / 5  # far fewer products than the full J
+        u, s, v = topk_svd(op, 8, block_size=4, power_iters=8)
+        assert op.counts.vjp == op.counts.jvp == 36  # 72 products, against 576 for the full J
     assert relative(s.double(), s_full) <= 1e-4

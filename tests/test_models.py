@@ -29,7 +29,8 @@ SMOLLM2_FILE = SMOLLM2_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _next_token(model, tokenizer) -> str:
@@ -243,3 +244,22 @@ def test_chunked_model_float32(name):
     assert _next_token(model, tokenizer) in PLAUSIBLE[name]
     del model
     gc.collect()
+
+
+@pytest.mark.slow
+def test_dense_copy_reloads_the_same_model(tmp_cache, monkeypatch):
+    """The dequantized copy that later loads read is the GGUF's model, weight for weight."""
+    first, tok_first = models.load("smollm2-135m", torch.float32)  # from the GGUF; writes the dense copy
+    copies = list((models.cache_dir() / "dense").iterdir())
+    assert len(copies) == 1 and (copies[0] / "complete").exists()
+    calls = []
+    monkeypatch.setattr(models, "_from_pretrained", lambda *a, **k: calls.append(a))  # must not be needed now
+    second, tok_second = models.load("smollm2-135m", torch.float32)
+    assert calls == []
+    _check_loaded(second, "smollm2-135m", torch.float32)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+    ids = tok_first(PROMPT, return_tensors="pt").input_ids
+    assert torch.equal(ids, tok_second(PROMPT, return_tensors="pt").input_ids)
+    with torch.no_grad():
+        assert torch.equal(first(ids).logits, second(ids).logits)

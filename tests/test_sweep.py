@@ -22,7 +22,7 @@ from lllm import detached_jacobian
 from lllm.decompose import per_token_stable_rank, stable_rank
 from lllm.layers import cumulative_jacobians
 from lllm.sweep import (
-    COMPONENTS, PartStore, SweepConfig, SweepError, load_sweep, loads_in_process, local_cluster, prompt_id,
+    COMPONENTS, FAST, PartStore, SweepConfig, SweepError, load_sweep, loads_in_process, local_cluster, prompt_id,
     read_prompts, resolve_layers, run_sweep, stable_rank_long, summarize_sweep,
 )
 
@@ -87,10 +87,22 @@ def test_row_agrees_with_independent_computation(tmp_path):
     assert row["u1_matches_prediction"] == (row["u_token_ids"][0] == row["next_token_ids"][0])
 
 
-def test_fast_mode_uses_the_reverse_jacobian_and_skips_layers(tmp_path):
-    row = sweep(tmp_path / "f.parquet", ["5 17 33 8"], layers="none").iloc[0]
-    assert row["final_method"] == "reverse" and row["reconstruction_error"] < 1e-12
-    assert list(row["layers"]) == [] and row["cumulative_stable_rank_layer"] is None
+def test_fast_preset_and_no_layers_agree_with_the_faithful_rows(tmp_path):
+    prompts = ["5 17 33 8 61 2 40", "9 9 12"]
+    faithful = sweep(tmp_path / "all.parquet", prompts)
+    fast = sweep(tmp_path / "fast.parquet", prompts, **FAST)  # every:3 of 2 layers is the last one, reversed
+    bare = sweep(tmp_path / "none.parquet", prompts, layers="none")
+    for i in range(len(prompts)):
+        assert fast.loc[i, "final_method"] == bare.loc[i, "final_method"] == "reverse"
+        assert list(fast.loc[i, "layers"]) == [1] and list(bare.loc[i, "layers"]) == []
+        assert fast.loc[i, "cumulative_stable_rank_attn"] is None and bare.loc[i, "cumulative_stable_rank_layer"] is None
+        assert fast.loc[i, "cumulative_stable_rank_layer"][0] == pytest.approx(
+            faithful.loc[i, "cumulative_stable_rank_layer"][1], rel=1e-9)
+        for other in (fast, bare):
+            assert other.loc[i, "reconstruction_error"] < 1e-12
+            assert list(other.loc[i, "token_stable_ranks"]) == pytest.approx(
+                list(faithful.loc[i, "token_stable_ranks"]), rel=1e-9)
+            assert list(other.loc[i, "u_token_ids"]) == list(faithful.loc[i, "u_token_ids"])
 
 
 def test_resolve_layers():
