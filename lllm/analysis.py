@@ -105,7 +105,8 @@ def analyze(
     layer_spectra, layer_top_u = {}, {}
     for comp in components:
         layer_spectra[comp], layer_top_u[comp] = _spectra_and_top(cumulative, comp, final.output, k_vectors)
-    layerwise_spectra = {c: _spectra_and_top(layerwise, c, final.output, 1)[0] for c in components}
+    layerwise_spectra = {c: torch.stack([dec.singular_values_wide(layerwise.combined(c, ell)) for ell in layerwise.layers])
+                         for c in components}
     timings["svds"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

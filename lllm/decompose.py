@@ -121,6 +121,14 @@ def left_spectrum(matrix: torch.Tensor, k: int, *, reference: torch.Tensor | Non
     return S, U * _orientation(U[None], reference)[0]
 
 
+def singular_values_wide(matrix: torch.Tensor) -> torch.Tensor:
+    """All singular values (m,) of a wide matrix (m, n ≥ m), from the float64 Gram eigenvalues (see left_spectrum)."""
+    if matrix.ndim != 2 or matrix.shape[0] > matrix.shape[1]:
+        raise LLLMError(f"singular_values_wide needs a wide 2-D matrix (m ≤ n), got shape {tuple(matrix.shape)}")
+    wide = matrix.to(torch.float64)
+    return torch.linalg.eigvalsh(wide @ wide.mT).flip(0).clamp_min(0).sqrt().to(matrix.dtype)
+
+
 def token_svds(result: JacobianResult, k: int | None = None) -> list[SVD]:
     """SVD of every block J⁺ᵢ: (d_out, d_in), i = 0..T-1, oriented by the output y (reference)."""
     blocks = result.jacobian.permute(1, 0, 2)  # (T, d_out, d_in)

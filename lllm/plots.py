@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +33,7 @@ from torch import nn
 from .analysis import PromptAnalysis, cached_analyze
 from .errors import LLLMError
 from .jacobian import JacobianResult, detached_jacobian
+from .steering import SteeringResult, default_layer, lambda_sweep
 from .store import ResultCache, computation_fields, dtype_name, record_to_result, result_to_record
 
 FIGURE_FORMATS = ("png", "svg")
@@ -75,10 +77,8 @@ def cached_jacobian(model: nn.Module, tokenizer, prompt: str, *, mlp_split: str 
 def cached_lambda_sweep(
     model: nn.Module, tokenizer, concept: str, prompt: str, lams: Sequence[float], *, layer: int | None = None,
     n_tokens: int = 8,
-) -> list:
-    """`lllm.steering.lambda_sweep` through the results cache: list of SteeringResult, one per λ."""
-    from .steering import SteeringResult, default_layer, lambda_sweep
-
+) -> list[SteeringResult]:
+    """`lllm.steering.lambda_sweep` through the results cache: one SteeringResult per λ."""
     layer = default_layer(model) if layer is None else layer
     options = {"concept": concept, "lams": [float(lam) for lam in lams], "layer": layer, "n_tokens": n_tokens}
 
@@ -194,12 +194,13 @@ def styled(table: pd.DataFrame):
 
 
 def highlight(table: pd.DataFrame, words: Sequence[str]):
-    """`styled(table)` with the cells containing any of words (case-insensitive) highlighted."""
-    needles = [w.strip().lower() for w in words if w.strip()]
+    """`styled(table)` with the cells containing any of words as a whole word (case-insensitive) highlighted."""
+    needles = {w.strip().lower() for w in words if w.strip()}
 
     def style(cell) -> str:
-        text = str(cell).lower()
-        return "background-color: #ffe08a; font-weight: bold" if any(n in text for n in needles) else ""
+        # whole words and punctuation runs, so that the prediction "the" does not light up "there"
+        found = set(re.findall(r"\w+|[^\w\s]+", str(cell).lower()))
+        return "background-color: #ffe08a; font-weight: bold" if needles & found else ""
 
     return styled(table).map(style)
 

@@ -133,13 +133,15 @@ def concept_operator(
         output = _layer_output(model, layer, x[None])[0]
         lin.replay = True
         bias = _layer_output(model, layer, torch.zeros_like(x)[None])[0] if _has_biases(model) else None
-    return SteeringOperator(model=model, layer=layer, token_ids=token_ids, tokens=[tokenizer.decode([i]) for i in token_ids],
-                            inputs=x, output=output.detach(), bias=bias, mlp_split=mlp_split, factors=lin.factors)
+    tokens = [tokenizer.decode([i]) for i in token_ids]
+    return SteeringOperator(model=model, layer=layer, token_ids=token_ids, tokens=tokens, inputs=x,
+                            output=output.detach(), bias=bias, mlp_split=mlp_split, factors=lin.factors)
 
 
 def _check_lam(lam: float) -> float:
     if not isinstance(lam, (int, float)) or not math.isfinite(lam):
-        raise LLLMError(f"λ (lam) must be a finite number (1 leaves the model untouched, 0 is the operator alone), got {lam!r}")
+        raise LLLMError(f"λ (lam) must be a finite number (1 leaves the model untouched, 0 is the operator "
+                        f"alone), got {lam!r}")
     return float(lam)
 
 
@@ -244,7 +246,9 @@ def steer(
     mlp_split: str = "activation",
 ) -> SteeringResult:
     """Greedy continuation of prompt, normal and steered by the concept's J⁺_L with weight λ (eq. 16)."""
-    return lambda_sweep(model, tokenizer, concept, prompt, (lam,), layer=layer, n_tokens=n_tokens, mlp_split=mlp_split)[0]
+    (result,) = lambda_sweep(model, tokenizer, concept, prompt, (lam,), layer=layer, n_tokens=n_tokens,
+                             mlp_split=mlp_split)
+    return result
 
 
 def sweep_table(results: Sequence[SteeringResult]) -> str:

@@ -75,6 +75,7 @@ ENGINES = ("local", "dask")
 # The stable rank by depth in about a third of the faithful time (see the module docstring).
 FAST = {"layers": "every:3", "components": ("layer",), "method": "reverse"}
 
+TIMING_COLUMNS = ("seconds", "cpu_seconds")  # the only columns that differ between runs of the same sweep
 # One row per (model, prompt). Fixed, so that parts of successful and failed prompts concatenate.
 SCHEMA = pa.schema([
     ("model", pa.string()),
@@ -102,7 +103,8 @@ SCHEMA = pa.schema([
     ("u_tokens", pa.list_(pa.string())),
     ("u_singular_values", pa.list_(pa.float64())),
     ("u1_matches_prediction", pa.bool_()),  # top token of u₁ == greedy next token
-    ("seconds", pa.float64()),
+    ("seconds", pa.float64()),  # wall clock of the prompt's analysis
+    ("cpu_seconds", pa.float64()),  # CPU time of its process meanwhile: the cost, also on a busy machine
     ("lllm_version", pa.string()),
     ("error", pa.string()),  # None on success, "ExceptionType: message" when the prompt failed
 ])
@@ -331,7 +333,7 @@ def _run_batch(config: SweepConfig, batch: list[str], threads: int) -> list[dict
     source = getattr(model, "lllm_source", None) or {}
     rows = []
     for prompt in batch:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         row = {"model": config.model, "model_sha256": source.get("sha256"), "dtype": config.dtype,
                "prompt_id": prompt_id(prompt), "prompt": prompt, "lllm_version": config.lllm_version}
         try:
@@ -339,7 +341,7 @@ def _run_batch(config: SweepConfig, batch: list[str], threads: int) -> list[dict
                                       method=config.method, top_k=config.top_k, u_vectors=config.u_vectors))
         except Exception as exc:  # any failure of one prompt is recorded and the sweep goes on
             row["error"] = f"{type(exc).__name__}: {exc}"
-        row["seconds"] = time.perf_counter() - start
+        row["seconds"], row["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
         rows.append(row)
     return rows
 

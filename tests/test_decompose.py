@@ -304,15 +304,13 @@ PROMPT = "The bridge out of Marin is the"
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    from lllm.models import load
-
-    model, tokenizer = load("smollm2-135m")
+def smollm2_result(smollm2):
+    model, tokenizer = smollm2
     return model, tokenizer, detached_jacobian(model, tokenizer, PROMPT, progress=False)
 
 
-def test_smollm2_decoded_output_is_the_greedy_token(smollm2):
-    model, tokenizer, result = smollm2
+def test_smollm2_decoded_output_is_the_greedy_token(smollm2_result):
+    model, tokenizer, result = smollm2_result
     with torch.no_grad():
         logits = model(torch.tensor([result.token_ids])).logits[0, -1]
     decoded = decode_output(result.output, model, tokenizer, k=3)
@@ -335,3 +333,8 @@ def test_left_spectrum_matches_the_full_svd_of_a_wide_matrix():
     torch.testing.assert_close(S, full.S, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(U, full.U[:, :4], rtol=0, atol=1e-9)
     assert abs(dec.stable_rank(S) - dec.stable_rank(full)) < 1e-9
+
+
+def test_singular_values_wide_match_the_full_svd():
+    matrix = torch.randn(16, 120, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(dec.singular_values_wide(matrix), torch.linalg.svdvals(matrix), rtol=1e-10, atol=1e-12)

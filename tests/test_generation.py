@@ -68,13 +68,6 @@ def test_bad_input_is_refused():
         generate_with_jacobians(model, IdsTokenizer(), [1, 2], n_tokens=1, k=33, progress=False)
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    import lllm
-
-    return lllm.load("smollm2-135m")
-
-
 @pytest.mark.slow
 def test_smollm2_from_bos(smollm2):
     """Fig. 2 on SmolLM2: three tokens from <|im_start|> alone, each with its J⁺ and spectra."""

@@ -67,6 +67,11 @@ def test_topk_svd_matches_the_full_svd(family):
         torch.testing.assert_close(full.combined @ v.reshape(4, -1).T, u * s, rtol=0, atol=1e-7)
         torch.testing.assert_close(u.T @ u, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-10)
         assert (full.output @ u >= 0).all()
+        # a block narrower than k with more iterations (block Krylov): 28 columns, same accuracy
+        op.counts.vjp = op.counts.jvp = 0
+        _, s_narrow, _ = topk_svd(op, 4, block_size=2, power_iters=13)
+        assert op.counts.vjp == 28 and op.counts.jvp == 28
+        assert relative(s_narrow, s_full) <= 1e-8
 
         for token in (0, 4, -1):
             u, s, v = topk_svd(op, 4, oversample=4, power_iters=6, token=token)
@@ -137,10 +142,14 @@ def test_model_is_restored_and_operator_refuses_misuse():
             topk_svd(op, 33)
         with pytest.raises(OperatorError, match="token 4"):
             topk_svd(op, 2, token=4)
+        with pytest.raises(OperatorError, match="cannot hold k=8"):
+            topk_svd(op, 8, block_size=2, power_iters=2)
         with pytest.raises(OperatorError, match="strategy"):
             all_token_topk(op, 2, strategy="lanczos")
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
+    with pytest.raises(OperatorError, match="float32"):
+        DetachedOperator(model, torch.zeros(4, 32, dtype=torch.float32))
     with pytest.raises(PromptError, match="position 4"):
         DetachedOperator.from_prompt(model, TOK, "5 17 33 8", position=4)
 

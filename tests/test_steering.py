@@ -1,4 +1,4 @@
-"""Eq. 16 steering: the operator is the concept's J⁺_L (+ c_L), λ = 1 is the untouched model, and the sweep on SmolLM2."""
+"""Eq. 16 steering: the operator is the concept's J⁺_L (+ c_L), λ = 1 is the untouched model; the SmolLM2 sweep."""
 
 from __future__ import annotations
 
@@ -176,17 +176,10 @@ SMOL_CONCEPT = "The bridge out of Marin is the Golden"
 SMOL_PROMPTS = ["I'm going to arizona to see the", "Here is a painting of the", "I went to new york to see the"]
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    import lllm
-
-    return lllm.load("smollm2-135m")
-
-
 @pytest.mark.slow
 def test_smollm2_lambda_sweep(smollm2):
     model, tokenizer = smollm2
-    n_tokens = 8
+    n_tokens = 4  # the full Table 4 sweep (3 prompts × 6 λ × 8 tokens) is the table4 notebook's job
     operator = concept_operator(model, tokenizer, SMOL_CONCEPT)
     assert operator.layer == 20 and operator.bias is None
     # the replayed operator is the detached network's Jacobian at the concept: check against a JVP, float32
@@ -195,13 +188,13 @@ def test_smollm2_lambda_sweep(smollm2):
         dual = torch.autograd.forward_ad.make_dual(operator.inputs[None], x_new[None])
         tangent = torch.autograd.forward_ad.unpack_dual(_layer_output(model, operator.layer, dual)).tangent[0]
     assert relative_error(tangent, operator.apply(x_new)) <= RECONSTRUCTION_TOLERANCE[torch.float32]
-    for prompt in SMOL_PROMPTS:
-        results = lambda_sweep(model, tokenizer, SMOL_CONCEPT, prompt, n_tokens=n_tokens)
+    for prompt in SMOL_PROMPTS[1:2]:
+        results = lambda_sweep(model, tokenizer, SMOL_CONCEPT, prompt, lams=(1.0, 0.5, 0.0), n_tokens=n_tokens)
         print("\n" + sweep_table(results))
         ids = torch.tensor([tokenizer(prompt)["input_ids"]])
         reference = model.generate(ids, max_new_tokens=n_tokens, do_sample=False)[0, ids.shape[1] :].tolist()
         assert results[0].normal_ids[: len(reference)] == reference
-        assert [r.lam for r in results] == [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
+        assert [r.lam for r in results] == [1.0, 0.5, 0.0]
         assert results[0].steered_ids == results[0].normal_ids  # λ = 1: the untouched model, token for token
         for r in results:
             assert len(r.steered_ids) == n_tokens

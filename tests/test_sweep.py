@@ -22,8 +22,8 @@ from lllm import detached_jacobian
 from lllm.decompose import per_token_stable_rank, stable_rank
 from lllm.layers import cumulative_jacobians
 from lllm.sweep import (
-    COMPONENTS, FAST, PartStore, SweepConfig, SweepError, load_sweep, loads_in_process, local_cluster, prompt_id,
-    read_prompts, resolve_layers, run_sweep, stable_rank_long, summarize_sweep,
+    COMPONENTS, FAST, TIMING_COLUMNS, PartStore, SweepConfig, SweepError, load_sweep, loads_in_process, local_cluster,
+    prompt_id, read_prompts, resolve_layers, run_sweep, stable_rank_long, summarize_sweep,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,8 +43,8 @@ def id_prompts(n: int, lengths: tuple[int, int], seed: int) -> list[str]:
 
 
 def _plain(df) -> list[dict]:
-    """Rows as plain Python values (lists, floats, None), for exact comparison."""
-    return pa.Table.from_pandas(df, preserve_index=False).to_pylist()
+    """Rows as plain Python values (lists, floats, None) without the timing columns, for exact comparison."""
+    return pa.Table.from_pandas(df.drop(columns=list(TIMING_COLUMNS)), preserve_index=False).to_pylist()
 
 
 def sweep(out: Path, prompts, **kw):
@@ -95,7 +95,8 @@ def test_fast_preset_and_no_layers_agree_with_the_faithful_rows(tmp_path):
     for i in range(len(prompts)):
         assert fast.loc[i, "final_method"] == bare.loc[i, "final_method"] == "reverse"
         assert list(fast.loc[i, "layers"]) == [1] and list(bare.loc[i, "layers"]) == []
-        assert fast.loc[i, "cumulative_stable_rank_attn"] is None and bare.loc[i, "cumulative_stable_rank_layer"] is None
+        assert fast.loc[i, "cumulative_stable_rank_attn"] is None
+        assert bare.loc[i, "cumulative_stable_rank_layer"] is None
         assert fast.loc[i, "cumulative_stable_rank_layer"][0] == pytest.approx(
             faithful.loc[i, "cumulative_stable_rank_layer"][1], rel=1e-9)
         for other in (fast, bare):
@@ -142,7 +143,7 @@ def test_dask_engine_rows_equal_local_rows_and_each_worker_loads_once(tmp_path):
             loads = client.run(loads_in_process)
     assert local["error"].isna().all()
     # same code, same thread count (1): every float is bitwise the same in both engines
-    assert _plain(dask.drop(columns="seconds")) == _plain(local.drop(columns="seconds"))
+    assert _plain(dask) == _plain(local)
     key = f"{LOADER}|{MODEL}|float64"
     per_worker = [info["loads"].get(key, 0) for info in loads.values()]
     assert len({info["pid"] for info in loads.values()}) == 2 and os.getpid() not in {i["pid"] for i in loads.values()}
@@ -180,7 +181,7 @@ def test_killed_sweep_resumes_computing_only_missing_prompts(tmp_path):
     assert len(store.read()) == len(prompts)  # the parts hold each prompt once: nothing computed twice
     uninterrupted = sweep(tmp_path / "whole.parquet", prompt_file)
     assert list(resumed["prompt"]) == prompts and resumed["prompt_id"].is_unique
-    assert _plain(resumed.drop(columns="seconds")) == _plain(uninterrupted.drop(columns="seconds"))
+    assert _plain(resumed) == _plain(uninterrupted)
     assert pq.read_table(out).num_rows == len(prompts)
 
 

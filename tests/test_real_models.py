@@ -1,0 +1,56 @@
+"""Real shipped weights, offline: the detached Jacobian is exact on every embedded model (issue acceptance 2, 4)."""
+
+import gc
+import json
+
+import pytest
+import torch
+
+import lllm
+from lllm.cli import main as lllm_main
+
+PROMPT = "The bridge out of Marin is the"
+MAX_ERROR = {torch.float32: 5e-6, torch.float64: 1e-12}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"])
+def test_embedded_model_reconstructs_exactly(name, dtype, capsys):
+    model, tokenizer = lllm.load(name, dtype=dtype)
+    result = lllm.detached_jacobian(model, tokenizer, PROMPT, progress=False)
+    top5 = torch.topk(torch.softmax(model.lm_head(result.output).double(), -1), 5)
+    with torch.no_grad():  # y is the model's own last hidden state, and its argmax is the model's prediction
+        logits = model(torch.tensor([result.token_ids])).logits[0, -1]
+    assert int(top5.indices[0]) == int(logits.argmax())
+    assert result.relative_error <= MAX_ERROR[dtype]
+    if name == "qwen2.5-coder-0.5b":  # v biases: y is affine in x, and c is a large part of it
+        assert result.bias is not None and float(result.bias.norm() / result.output.norm()) > 0.1
+    else:
+        assert result.bias is None
+    with capsys.disabled():
+        tokens = [(tokenizer.decode([int(i)]), round(float(p), 4)) for p, i in zip(top5.values, top5.indices)]
+        print(f"\n{name} {dtype}: error {result.relative_error:.3e}, top-5 {tokens}")
+    del model, result
+    gc.collect()
+
+
+@pytest.mark.slow
+def test_cli_jacobian_prints_and_saves(tmp_path, capsys):
+    out = tmp_path / "jac"
+    assert lllm_main(["jacobian", "--model", "smollm2-135m", "--prompt", PROMPT, "--no-progress", "--save", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "error" in text and "stable rank per token" in text and "next" in text
+    tensors, meta = lllm.load_result(out)
+    assert tensors["jacobian"].shape == (576, 7, 576)
+    assert meta["model"]["sha256"] == lllm.models.EMBEDDED_MODELS["smollm2-135m"].sha256
+    assert meta["prompt"] == PROMPT and len(meta["token_ids"]) == 7
+    assert lllm.record_to_result(tensors, meta).relative_error <= 5e-6
+    json.dumps(meta)  # the metadata is plain JSON
+
+
+def test_cli_reports_bad_input_as_one_clear_line(capsys):
+    assert lllm_main(["jacobian", "--model", "no-such-model", "--prompt", PROMPT]) == 2
+    assert "lllm: error:" in capsys.readouterr().err
+    assert lllm_main(["jacobian", "--model", "smollm2-135m", "--prompt", "  "]) == 2
+    assert "empty" in capsys.readouterr().err
