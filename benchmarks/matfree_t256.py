@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 import time
 
@@ -74,6 +75,12 @@ class PeakRSS:
                 "rss_increase_gib": round((self.peak - self.start_rss) / 2**30, 2)}
 
 
+def _log(name: str, entry: dict) -> dict:
+    """Print one finished phase to stderr (the run takes many minutes) and return it."""
+    print(name, json.dumps(entry), file=sys.stderr, flush=True)
+    return entry
+
+
 def _errors(s: torch.Tensor, s_full: torch.Tensor) -> float:
     """max relative error of singular values s against the exact s_full."""
     return float(((s.double() - s_full) / s_full).abs().max())
@@ -90,23 +97,24 @@ def measure(model, tokenizer, n_tokens: int = 256, k: int = 8, full: bool = True
     settings = {"topk_default": {}, "topk_block4_iters8": {"block_size": 4, "power_iters": 8}}
     spectra = {}
     with PeakRSS() as phase, DetachedOperator.from_prompt(model, tokenizer, ids) as op:
-        report["open"] = {**phase.summary(), "relative_error": op.relative_error, "chunk_size": op.chunk_size}
+        report["open"] = _log("open", {**phase.summary(), "relative_error": op.relative_error,
+                                       "chunk_size": op.chunk_size})
         for name, options in settings.items():
             with PeakRSS() as phase:
                 _, spectra[name], _ = topk_svd(op, k, **options)
-            report[name] = {**phase.summary(), "options": options, "products": vars(op.counts).copy()}
+            report[name] = _log(name, {**phase.summary(), "options": options, "products": vars(op.counts).copy()})
             op.counts.jvp = op.counts.vjp = 0
         with PeakRSS() as phase:
             per_token = all_token_topk(op, k, progress=False)
-        report["all_token_topk"] = {**phase.summary(), "strategy": per_token.strategy,
-                                    "products": vars(per_token.products)}
+        report["all_token_topk"] = _log("all_token_topk", {**phase.summary(), "strategy": per_token.strategy,
+                                                           "products": vars(per_token.products)})
     d = model.config.hidden_size
     report["full_jacobian_estimate_gib"] = round(estimate_jacobian_bytes(model, n_tokens, 64, torch.float32) / 2**30, 2)
     if full:
         try:
             with PeakRSS() as phase:
                 result = lllm.detached_jacobian(model, tokenizer, ids, progress=False)
-            report["full_jacobian"] = {**phase.summary(), "products": {"jvp": 0, "vjp": d}}
+            report["full_jacobian"] = _log("full_jacobian", {**phase.summary(), "products": {"jvp": 0, "vjp": d}})
             s_full = torch.linalg.svdvals(result.combined.double())[:k]
             for name in settings:
                 report[name]["max_relative_sigma_error"] = _errors(spectra[name], s_full)

@@ -22,6 +22,7 @@ layer returns all three components at once, the forward stops after layer ℓ, a
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ class ReferenceAnalysis:
     token_spectra: torch.Tensor  # (T, d): singular values of every J⁺ᵢ
     layer_spectra: dict[str, torch.Tensor]  # component -> (L, d), cumulative
     layerwise_spectra: dict[str, torch.Tensor]  # component -> (L, d)
+    timings: dict[str, float]  # seconds per phase
 
     def stable_ranks(self, kind: str = "cumulative") -> dict[str, list[float]]:
         """component -> Σ S²/S²_max per layer, of the cumulative or layer-wise spectra."""
@@ -125,10 +127,18 @@ def reference_analysis(model: nn.Module, tokenizer, prompt: str | Sequence[int],
     d, T = x.shape[1], x.shape[0]
     decoder = model.get_decoder()
     layers = list(range(len(decoder.layers))) if layers is None else list(layers)
+    timings, clock = {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        timings[name], clock = time.perf_counter() - clock, time.perf_counter()
+
     final = full_jacobian(model, x)
-    ordinary = full_jacobian(model, x, detach=False)
     with torch.no_grad():
         output = final_hidden(model, x)
+    lap("final_jacobian")
+    ordinary = full_jacobian(model, x, detach=False)
+    lap("ordinary_jacobian")
     cumulative = {c: [] for c in COMPONENTS}
     layerwise = {c: [] for c in COMPONENTS}
     with detached(model):
@@ -141,6 +151,7 @@ def reference_analysis(model: nn.Module, tokenizer, prompt: str | Sequence[int],
 
             for c, jac in zip(COMPONENTS, jacobian(through_norm, x, vectorize=True)):
                 cumulative[c].append(jac)
+        lap("cumulative_jacobians")
         inputs = _layer_inputs(model, x)
         for ell in layers:
             layer, (hidden, kwargs) = decoder.layers[ell], inputs[ell]
@@ -151,12 +162,16 @@ def reference_analysis(model: nn.Module, tokenizer, prompt: str | Sequence[int],
 
             for c, jac in zip(COMPONENTS, jacobian(alone, hidden[0], vectorize=True)):
                 layerwise[c].append(jac)
+        lap("layerwise_jacobians")
     cumulative = {c: torch.stack(v) for c, v in cumulative.items()}
     layerwise = {c: torch.stack(v) for c, v in layerwise.items()}
     combined = lambda jac: [j.reshape(d, T * d) for j in jac]  # noqa: E731
+    token_spectra = _thin_svdvals(final.permute(1, 0, 2))
+    layer_spectra = {c: _thin_svdvals(combined(cumulative[c])) for c in COMPONENTS}
+    layerwise_spectra = {c: _thin_svdvals(combined(layerwise[c])) for c in COMPONENTS}
+    lap("svds")
     return ReferenceAnalysis(
         final=final, ordinary=ordinary, inputs=x, output=output, cumulative=cumulative, layerwise=layerwise,
-        token_spectra=_thin_svdvals(final.permute(1, 0, 2)),
-        layer_spectra={c: _thin_svdvals(combined(cumulative[c])) for c in COMPONENTS},
-        layerwise_spectra={c: _thin_svdvals(combined(layerwise[c])) for c in COMPONENTS},
+        token_spectra=token_spectra, layer_spectra=layer_spectra, layerwise_spectra=layerwise_spectra,
+        timings=timings,
     )

@@ -7,17 +7,17 @@ d_out·T·d_in numbers; its top-k triplets need far fewer Jacobian-vector produc
 - Jᵀ·U, reverse mode ("VJP"): batched `autograd.grad(y, x, U)` gives Jᵀu (T, d_in), every token at once.
 - J·V, forward mode ("JVP"): g(u) = Jᵀu is linear in u, so J v = ∂⟨g(u), v⟩/∂u. The graph of g is
   built once (`create_graph=True`), then batched backwards through it give J V. This is the exact
-  derivative with no constant to subtract (models with biases) and, by measurement on SmolLM2 at
-  256 tokens, 1.9× faster per vector than replaying the recorded linear network: the replay
-  recomputes the Q, K and gate projections that the detached graph leaves out.
+  derivative with no constant to subtract (models with biases) and, measured on SmolLM2 at 256
+  tokens, about 1.8× faster per vector than replaying the recorded linear network (`Linearization.
+  replay`), which recomputes the Q, K and gate projections that the detached graph leaves out.
 
 `topk_svd` is a seeded randomized SVD (Halko, Martinsson & Tropp 2011: range finder with power
 iterations and re-orthonormalization) whose Rayleigh–Ritz step uses the span of *all* power
 iterates (block Krylov, Musco & Musco 2015), not the last one only. That costs no extra product
 and, since the subspace contains HMT's, its singular values are at least as accurate.
 
-Sign convention (as everywhere in lllm): each pair (uⱼ, vⱼ) is oriented so that uⱼ·y ≥ 0, where y is
-the output embedding; a singular pair is otherwise defined only up to a joint sign.
+Sign convention, that of `lllm.decompose.svd`: each pair (uⱼ, vⱼ), defined only up to a joint flip,
+is oriented so that uⱼ·y > 0, y the output embedding (where uⱼ·y = 0: its largest |entry| > 0).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from tqdm.auto import tqdm
 
+from .decompose import _orientation, svd
 from .errors import LLLMError, MemoryBudgetError, PromptError
 from .jacobian import _self_check, bias_term, embed, estimate_jacobian_bytes, final_hidden, relative_error, tokenize
 from .linearize import detached
@@ -238,8 +239,8 @@ def _orthonormalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 
 def _orient(u: torch.Tensor, v: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip pairs so that uⱼ·y ≥ 0: u (d_out, k), v (k, …), y (d_out,) → the same, oriented."""
-    signs = torch.where(y @ u < 0, -1.0, 1.0).to(u.dtype)  # (k,)
+    """Flip pairs by `lllm.decompose.svd`'s convention (uⱼ·y > 0): u (d_out, k), v (k, …), y (d_out,)."""
+    signs = _orientation(u[None], y)[0]  # (k,)
     return u * signs, v * signs.reshape(-1, *[1] * (v.ndim - 1))
 
 
@@ -255,10 +256,11 @@ def topk_svd(
     space of J⁺ (all tokens at once); each power iteration then applies J⁺ and J⁺ᵀ, and the
     Rayleigh–Ritz step uses the span of every iterate. For the same number of products a block
     smaller than k with more iterations is more accurate (a higher-degree Krylov polynomial):
-    on SmolLM2 at 64 tokens the top-8 σ came within 6e-3 with the defaults (96 products) and
-    within 5e-5 with block_size=4, power_iters=7 (64 products). The subspace stops growing at
-    min(d_out, n) columns, where it holds the whole row space and the result is exact.
-    Deterministic for a given seed (torch.Generator); pairs oriented so that uⱼ·y ≥ 0.
+    on SmolLM2 at 256 tokens (benchmarks/matfree_t256.py) the top-8 σ came within 4e-3 with the
+    defaults (96 products) and within 3e-6 with block_size=4, power_iters=8 (72 products). The
+    subspace stops growing at min(d_out, n) columns, where it holds the whole row space: then the
+    result is exact.
+    Deterministic for a given seed (torch.Generator); signs as in `lllm.decompose.svd` (uⱼ·y > 0).
     """
     op._require_open()
     matrix = _Matrix(op, token)
@@ -302,7 +304,7 @@ class TokenSpectra:
     """Top-k singular triplets of every per-token block J⁺ᵢ."""
 
     S: torch.Tensor  # (T, k)
-    U: torch.Tensor  # (T, d_out, k), oriented so that U[i, :, j]·y ≥ 0
+    U: torch.Tensor  # (T, d_out, k), oriented so that U[i, :, j]·y > 0 (see `lllm.decompose.svd`)
     V: torch.Tensor  # (T, k, d_in)
     strategy: str  # "exact" or "randomized"
     products: ProductCount  # products this call applied
@@ -363,7 +365,6 @@ def _exact_blocks(op: DetachedOperator, k: int, tokens_per_pass: int, progress: 
             rows = slice(start, start + op.chunk_size)
             blocks[rows] = op.rmatvec(eye[rows])[:, tokens]
         for j in range(blocks.shape[1]):
-            u, s, vh = torch.linalg.svd(blocks[:, j], full_matrices=False)
-            u, vh = _orient(u[:, :k], vh[:k], op.output)
-            triplets.append((u, s[:k], vh))
+            block = svd(blocks[:, j], k, reference=op.output)
+            triplets.append((block.U, block.S, block.Vh))
     return triplets

@@ -38,6 +38,9 @@ from .store import ResultCache, computation_fields, dtype_name, record_to_result
 
 FIGURE_FORMATS = ("png", "svg")
 FAST_LAYER_STRIDE = 10  # the fast configuration analyzes every 10th layer and the last
+# Steering in the fast configuration (Table 4 and Paper vs. this book share it, and so their cached sweeps):
+# the λ = 1 identity check and one steered λ, three generated tokens.
+FAST_STEERING_LAMS, FAST_STEERING_TOKENS = [1.0, 0.4], 3
 JACOBIAN_KIND = "notebook-jacobian"
 STEERING_KIND = "notebook-steering"
 
@@ -124,7 +127,7 @@ def save_figure(fig: plt.Figure, output_dir: str | os.PathLike, name: str) -> li
 
 
 def plot_reconstruction(ax: plt.Axes, result: JacobianResult, ordinary: torch.Tensor | None) -> None:
-    """Fig 3 on ax: y against Σ J⁺ᵢxᵢ (+c) (on the identity line) and, if given, the ordinary Σ Jᵢxᵢ (d,)."""
+    """Fig 3 on ax: y (d,) against Σ J⁺ᵢxᵢ (+c), on the identity line, and the ordinary Σ Jᵢxᵢ if given."""
     y = result.output.double().numpy()
     if ordinary is not None:
         err = float(np.std(y - ordinary.double().numpy()) / np.std(y))
@@ -298,7 +301,8 @@ def paper_claims(
     rho, decreasing = _is_decreasing(ranks["layer"])
     claim("dimensionality decreases with depth", "cumulative stable rank falls layer by layer (Fig 6C)",
           "Spearman ρ(layer, stable rank) < 0 and last < first",
-          f"ρ = {rho:+.2f}; layer {layers[0]}: {ranks['layer'][0]:.2f} → layer {layers[-1]}: {ranks['layer'][-1]:.2f}",
+          f"ρ = {rho:+.2f}; layer {layers[0]}: {ranks['layer'][0]:.2f} → "
+          f"layer {layers[-1]}: {ranks['layer'][-1]:.2f}",
           _verdict(decreasing and ranks["layer"][-1] < ranks["layer"][0],
                    partly=ranks["layer"][-1] < ranks["layer"][0]) if len(layers) >= 3 else NOT_MEASURED)
 

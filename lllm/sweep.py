@@ -115,7 +115,7 @@ class SweepError(LLLMError):
 
 
 class SweepIncompleteError(LLLMError):
-    """Some batches were lost to the machinery (not to their prompts); re-running computes only them."""
+    """Some batches failed outside their prompts' analysis (a lost worker, a model that does not load)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,8 +589,9 @@ def run_sweep(
         store.close()
     if failures:
         raise SweepIncompleteError(
-            f"{len(failures)} batch(es) were lost to the machinery, not to their prompts: {failures[0]}. Their "
-            f"prompts have no rows yet; run the same command again to compute only those. ({store.out} not written)"
+            f"{len(failures)} batch(es) failed outside their prompts' analysis (a lost worker, or a model that does "
+            f"not load), first: {failures[0]}. Their prompts have no rows yet; once the cause is fixed, the same "
+            f"command computes only those. ({store.out} is not written until every prompt has a row)"
         )
     return load_sweep(store.out)
 

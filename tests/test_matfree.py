@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lllm
+from lllm.decompose import svd
 from lllm.errors import LinearizationError, PromptError
 from lllm.linearize import Linearization
 from lllm.matfree import DetachedOperator, OperatorError, all_token_topk, topk_svd
@@ -63,10 +64,13 @@ def test_topk_svd_matches_the_full_svd(family):
         s_full = torch.linalg.svdvals(full.combined)[:4]
         assert relative(s, s_full) <= 1e-8
         assert u.shape == (64, 4) and v.shape == (4, 9, 64)
-        # the triplets are singular triplets of J⁺, with the documented orientation u·y ≥ 0
+        # the triplets are singular triplets of J⁺, oriented as lllm.decompose.svd orients them
         torch.testing.assert_close(full.combined @ v.reshape(4, -1).T, u * s, rtol=0, atol=1e-7)
         torch.testing.assert_close(u.T @ u, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-10)
-        assert (full.output @ u >= 0).all()
+        assert (full.output @ u > 0).all()
+        exact = svd(full.combined, 4, reference=full.output)  # same vectors, same signs: cosines ≈ +1
+        assert (torch.einsum("ok,ok->k", u, exact.U) > 1 - 1e-6).all()
+        assert (torch.einsum("kn,kn->k", v.reshape(4, -1), exact.Vh) > 1 - 1e-6).all()
         # a block narrower than k with more iterations (block Krylov): 28 columns, same accuracy
         op.counts.vjp = op.counts.jvp = 0
         _, s_narrow, _ = topk_svd(op, 4, block_size=2, power_iters=13)
@@ -120,7 +124,7 @@ def test_all_token_topk_strategies_agree_with_per_block_svds(family):
     for result in (auto, two_per_pass, sketched):
         assert result.S.shape == (9, 3) and result.U.shape == (9, 32, 3) and result.V.shape == (9, 3, 32)
         torch.testing.assert_close(result.S, per_block, rtol=1e-10, atol=1e-12)
-        assert (torch.einsum("o,tok->tk", full.output, result.U) >= 0).all()
+        assert (torch.einsum("o,tok->tk", full.output, result.U) > 0).all()
     torch.testing.assert_close(sketched.U, auto.U, rtol=0, atol=1e-8)  # same orientation convention
     torch.testing.assert_close(two_per_pass.V, auto.V, rtol=0, atol=1e-12)
 

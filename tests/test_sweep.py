@@ -257,3 +257,9 @@ def test_summary_and_long_form(tmp_path):
             assert medians[(comp, ell)] == long[(long.component == comp) & (long.layer == ell)].stable_rank.median()
     assert set(summary["depth_vs_stable_rank"]) == set(COMPONENTS)
     assert load_sweep(tmp_path / "s.parquet").equals(df)
+
+
+def test_a_loader_that_does_not_resolve_is_refused_before_any_prompt(tmp_path):
+    with pytest.raises(SweepError, match="not an importable module:function"):
+        run_sweep(MODEL, ["3 4 5"], tmp_path / "s.parquet", loader="test_sweep:no_such_loader", progress=False)
+    assert PartStore(tmp_path / "s.parquet").parts() == []
