@@ -22,3 +22,4 @@ from .layers import LayerJacobians, cumulative_jacobians, layerwise_jacobians
 from .linearize import check_coverage, detached
 from .models import list_embedded, load
 from .store import ResultCache, load_result, model_identity, record_to_result, result_to_record, save_result
+from .matfree import DetachedOperator, OperatorError, TokenSpectra, all_token_topk, topk_svd
