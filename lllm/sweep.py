@@ -658,11 +658,14 @@ def summarize_sweep(df: pd.DataFrame) -> dict[str, Any]:
         "reconstruction_error": errors.describe(percentiles=[0.5, 0.9, 0.99]).to_dict(),
         "median_reconstruction_error": float(errors.median()) if len(ok) else None,
         "u1_match_rate": float(ok["u1_matches_prediction"].mean()) if len(ok) else None,
+        "u_top3_match_rate": float(pd.Series([ids[0] in u for ids, u in zip(ok["next_token_ids"], ok["u_token_ids"])])
+                                   .mean()) if len(ok) else None,  # the prediction is the top token of u₁, u₂ or u₃
         "median_final_stable_rank": float(ok["stable_rank"].median()) if len(ok) else None,
         "median_tokens": float(ok["n_tokens"].median()) if len(ok) else None,
         "stable_rank_by_layer": by_layer,
         "depth_vs_stable_rank": depth,
         "seconds_per_prompt": ok["seconds"].describe().to_dict(),
+        "cpu_seconds_per_prompt": ok["cpu_seconds"].describe().to_dict(),
     }
 
 

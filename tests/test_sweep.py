@@ -251,6 +251,8 @@ def test_summary_and_long_form(tmp_path):
     summary = summarize_sweep(df)
     assert summary["n_prompts"] == 7 and summary["n_failed"] == 1
     assert summary["u1_match_rate"] == df["u1_matches_prediction"].iloc[:6].mean()
+    top3 = [df.loc[i, "next_token_ids"][0] in list(df.loc[i, "u_token_ids"]) for i in range(6)]
+    assert summary["u_top3_match_rate"] == sum(top3) / 6
     medians = summary["stable_rank_by_layer"].set_index(["component", "layer"])["50%"]
     for comp in COMPONENTS:
         for ell in (0, 1):
