@@ -23,3 +23,6 @@ from .linearize import check_coverage, detached
 from .models import list_embedded, load
 from .store import ResultCache, load_result, model_identity, record_to_result, result_to_record, save_result
 from .matfree import DetachedOperator, OperatorError, TokenSpectra, all_token_topk, topk_svd
+from .generation import GenerationResult, GenerationStep, generate_with_jacobians
+from .steering import SteeringOperator, SteeringResult, concept_operator, lambda_sweep, steer
+from .analysis import PromptAnalysis, analyze, cached_analyze

@@ -268,6 +268,12 @@ def _resolve(name_or_path: str | os.PathLike) -> dict[str, Any]:
     )
 
 
+def _hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) asks for no network access."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def _from_pretrained(cls: Any, source: dict[str, Any], **kwargs: Any) -> Any:
     """cls.from_pretrained with bad files mapped to ModelFileError and unknown hub ids to UnknownModelError."""
     where, gguf_file = source["where"], source["gguf_file"]
@@ -278,6 +284,8 @@ def _from_pretrained(cls: Any, source: dict[str, Any], **kwargs: Any) -> Any:
             try:  # the local HF cache first, so that a cached model loads offline without network retries
                 return cls.from_pretrained(where, local_files_only=True, **kwargs)
             except OSError:
+                if _hub_offline():  # the user said there is no network: do not wait for retries to fail
+                    raise
                 return cls.from_pretrained(where, **kwargs)
         return cls.from_pretrained(where, **kwargs)
     except Exception as exc:

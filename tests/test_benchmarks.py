@@ -68,7 +68,7 @@ def test_harness_runs_end_to_end_in_quick_mode(tmp_path):
                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-2000:]
     results = (tmp_path / "RESULTS.md").read_text()
-    for heading in ("## (a)", "## (b)", "## (c)", "## (d)", "load average at end"):
+    for heading in ("## (a)", "## (b)", "## (c)", "## (d)", "load average (1/5/15 min)"):
         assert heading in results
     assert "within the 1e-5 float32 criterion" in results
     assert "within the 1e-4 criterion" in results

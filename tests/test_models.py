@@ -83,6 +83,24 @@ def test_missing_path_is_unknown(tmp_path):
         models.load(str(tmp_path / "nope.gguf"))
 
 
+def test_uncached_hub_id_offline_is_refused_without_a_network_attempt(monkeypatch, tmp_path):
+    """With HF_HUB_OFFLINE set, a hub id missing from the local cache is refused after the cache lookup alone."""
+    import transformers
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    calls, original = [], transformers.AutoTokenizer.from_pretrained
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("local_files_only", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+    with pytest.raises(UnknownModelError, match="not in the local Hugging Face cache"):
+        models.load("lllm-tests/no-such-model")
+    assert calls == [True]  # the cache lookup only: no second, online attempt
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, "float65", "int32", 32, None])
 def test_wrong_dtype(dtype):
     with pytest.raises(LLLMError, match="floating dtype"):
