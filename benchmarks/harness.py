@@ -429,8 +429,8 @@ def case_b(bench: Bench) -> str:
         "| fresh run | peak RSS GiB | over the loaded model GiB | phases (s) |",
         "|---|---|---|---|",
         *[f"| {name} | {_gib(m)} | {_increase(m)} | "
-          + ("; ".join(f"{p} {s:.1f}" for p, s in m["values"].get("phases", {}).items()) if "failed" not in m
-             else m["failed"]) + " |"
+          + (m["failed"] if "failed" in m else "; ".join(
+              f"{p} {s:.1f}" for p, s in m["values"].get("phases", {"total": m["seconds"]}).items())) + " |"
           for name, m in (("matfree top-k", topk), ("matfree per-token top-k", tokens),
                           ("reference J + SVDs", ref), ("lllm J + SVDs", full))],
         "",
