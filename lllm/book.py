@@ -9,7 +9,8 @@ output_dir; an ``all_models`` notebook runs once, after the per-model ones, with
 prompt, dtype, fast and output_dir. Executed notebooks go to
 ``<book>/generated/<chapter>/<model-slug>.ipynb`` and figure files to
 ``<book>/generated/figures/<chapter>/<model-slug>/``. A run whose inputs (notebook source,
-parameters, lllm code) are unchanged since its last success is skipped. A failing notebook does not
+parameters, lllm code, and the data files named by the optional metadata ``"reads"``: glob patterns
+from the notebook's directory, such as sweep output) are unchanged since its last success is skipped. A failing notebook does not
 stop the others; every failure is reported with its notebook, model and cell. Then
 ``<book>/_toc.yml`` is written from what ran and the book is built with ``jupyter-book build -W``.
 """
@@ -81,6 +82,7 @@ class NotebookSpec:
     order: float
     scope: str  # "per_model" or "all_models"
     summary: str  # the chapter page's text: metadata "summary", else the first markdown cell
+    reads: tuple[str, ...] = ()  # glob patterns (from the notebook's directory) of data files made elsewhere
 
 
 @dataclass(frozen=True)
@@ -219,9 +221,12 @@ def _spec_from_metadata(path: Path, nb) -> NotebookSpec:
         raise NotebookMetadataError(
             f"{path} has no cell tagged 'parameters'; papermill injects the model and prompt after that cell"
         )
+    reads = meta.get("reads", [])
+    if not (isinstance(reads, list) and all(isinstance(r, str) and r for r in reads)):
+        raise NotebookMetadataError(f"{path}: 'reads' {reads!r} must be a list of glob patterns")
     summary = meta.get("summary") or _first_markdown_text(nb)
     return NotebookSpec(path=path.resolve(), chapter=chapter, title=str(meta["title"]), order=float(meta["order"]),
-                        scope=scope, summary=summary)
+                        scope=scope, summary=summary, reads=tuple(reads))
 
 
 def _first_markdown_text(nb) -> str:
@@ -258,6 +263,15 @@ def code_fingerprint() -> str:
     return f"{__version__}+{digest.hexdigest()[:16]}"
 
 
+def inputs_digest(spec: NotebookSpec) -> bytes:
+    """A hash of the names and contents of the data files the notebook declares it reads ('reads' metadata)."""
+    digest = hashlib.sha256()
+    for pattern in spec.reads:
+        for path in sorted(p for p in spec.path.parent.glob(pattern) if p.is_file()):
+            digest.update(pattern.encode() + path.name.encode() + hashlib.sha256(path.read_bytes()).digest())
+    return digest.digest()
+
+
 def plan(
     specs: Sequence[NotebookSpec], models: Sequence[str], prompt: str, dtype: str, fast: bool, book_dir: Path,
     fingerprint: str,
@@ -276,6 +290,7 @@ def plan(
             hashed = {**parameters, "output_dir": str(figures.relative_to(generated))}
             key = hashlib.sha256(
                 spec.path.read_bytes() + json.dumps(hashed, sort_keys=True).encode() + fingerprint.encode()
+                + inputs_digest(spec)
             ).hexdigest()
             run = Run(notebook=spec, model=model, parameters=parameters,
                       output=generated / spec.chapter / f"{slug}.ipynb", key=key)

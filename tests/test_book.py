@@ -166,6 +166,28 @@ def test_unchanged_inputs_are_not_executed_again(session_book, monkeypatch):
     assert [run.label for run in edited.skipped] == ["tiny-figure × tiny"]
 
 
+def test_a_change_in_a_declared_data_file_reruns_only_its_notebook(tmp_path):
+    notebooks, data = tmp_path / "notebooks", tmp_path / "data"
+    notebooks.mkdir(), data.mkdir()
+    (data / "sweep-a.parquet").write_bytes(b"first")
+    write_notebook(notebooks / "reader.ipynb", {"chapter": "reader", "title": "R", "order": 1, "scope": "all_models",
+                                                "reads": ["../data/sweep-*.parquet"]})
+    write_notebook(notebooks / "other.ipynb", {"chapter": "other", "title": "O", "order": 2, "scope": "all_models"})
+    keys = lambda: {run.notebook.chapter: run.key for run in plan(  # noqa: E731
+        discover(notebooks), [MODEL], PROMPT, "float32", False, tmp_path / "book", FINGERPRINT)}
+    before = keys()
+    (data / "sweep-a.parquet").write_bytes(b"second")
+    changed = keys()
+    (data / "sweep-b.parquet").write_bytes(b"new")
+    added = keys()
+    assert changed["reader"] != before["reader"] != added["reader"] != changed["reader"]
+    assert before["other"] == changed["other"] == added["other"]
+    write_notebook(notebooks / "bad.ipynb", {"chapter": "bad", "title": "B", "order": 3, "scope": "all_models",
+                                             "reads": "../data"})
+    with pytest.raises(NotebookMetadataError, match="glob patterns"):
+        discover(notebooks)
+
+
 def test_cli_exits_non_zero_and_reports_the_cell(tmp_path, capsys):
     book_dir = tmp_path / "book"
     book_dir.mkdir()
