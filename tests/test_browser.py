@@ -148,6 +148,6 @@ def test_repository_book_renders_offline(serve, browser):
     check_page(browser, base + "index.html", min_images=0, min_math=2)
     pages = figure_pages(html)
     assert pages, "the built book has no executed notebook with a figure"
-    for path in pages:
+    for path in pages:  # a screenshot of each, e.g. book/_build/screenshots/fig3-smollm2-135m.png
         page = check_page(browser, base + path.relative_to(html).as_posix(), min_images=1, min_math=0)
-    screenshot(page, "book-figure")
+        screenshot(page, f"{path.parent.name}-{path.stem}")
