@@ -18,6 +18,7 @@ stop the others; every failure is reported with its notebook, model and cell. Th
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import os
@@ -83,6 +84,7 @@ class NotebookSpec:
     scope: str  # "per_model" or "all_models"
     summary: str  # the chapter page's text: metadata "summary", else the first markdown cell
     reads: tuple[str, ...] = ()  # glob patterns (from the notebook's directory) of data files made elsewhere
+    parameters: frozenset[str] = frozenset()  # names assigned in its `parameters` cell
 
 
 @dataclass(frozen=True)
@@ -217,16 +219,22 @@ def _spec_from_metadata(path: Path, nb) -> NotebookSpec:
         raise NotebookMetadataError(f"{path}: scope {scope!r} is not one of {SCOPES}")
     if not isinstance(meta["order"], (int, float)):
         raise NotebookMetadataError(f"{path}: order {meta['order']!r} is not a number")
-    if not any("parameters" in cell.metadata.get("tags", []) for cell in nb.cells):
+    cell = next((c for c in nb.cells if "parameters" in c.metadata.get("tags", [])), None)
+    if cell is None:
         raise NotebookMetadataError(
             f"{path} has no cell tagged 'parameters'; papermill injects the model and prompt after that cell"
         )
+    try:
+        names = frozenset(t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+                          for t in node.targets if isinstance(t, ast.Name))
+    except SyntaxError as err:
+        raise NotebookMetadataError(f"{path}: its parameters cell is not valid Python: {err}") from err
     reads = meta.get("reads", [])
     if not (isinstance(reads, list) and all(isinstance(r, str) and r for r in reads)):
         raise NotebookMetadataError(f"{path}: 'reads' {reads!r} must be a list of glob patterns")
     summary = meta.get("summary") or _first_markdown_text(nb)
     return NotebookSpec(path=path.resolve(), chapter=chapter, title=str(meta["title"]), order=float(meta["order"]),
-                        scope=scope, summary=summary, reads=tuple(reads))
+                        scope=scope, summary=summary, reads=tuple(reads), parameters=names)
 
 
 def _first_markdown_text(nb) -> str:
@@ -284,7 +292,9 @@ def plan(
         targets = [(m, model_slug(m)) for m in models] if spec.scope == "per_model" else [(None, ALL_MODELS_SLUG)]
         for model, slug in targets:
             figures = generated / "figures" / spec.chapter / slug
-            own = {"model": model} if model is not None else {"models": list(models)}
+            # an all-models notebook about one fixed model of its own (figa1) does not declare `models`
+            own = {"model": model} if model is not None else (
+                {"models": list(models)} if "models" in spec.parameters else {})
             parameters = {**own, **common, "output_dir": str(figures)}
             # the key uses output_dir relative to the book, so that moving the checkout re-runs nothing
             hashed = {**parameters, "output_dir": str(figures.relative_to(generated))}

@@ -188,6 +188,21 @@ def test_a_change_in_a_declared_data_file_reruns_only_its_notebook(tmp_path):
         discover(notebooks)
 
 
+def test_an_all_models_notebook_gets_the_model_list_only_if_it_declares_it(tmp_path):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    meta = {"title": "T", "order": 1, "scope": "all_models"}
+    write_notebook(notebooks / "own.ipynb", {"chapter": "own", **meta})  # declares `model` only
+    path = write_notebook(notebooks / "list.ipynb", {"chapter": "list", **meta})
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[1].source = 'models = ["x"]\nprompt = "p"'
+    nbformat.write(nb, path)
+    runs = {run.notebook.chapter: run for run in plan(
+        discover(notebooks), [MODEL, "other"], PROMPT, "float32", False, tmp_path / "book", FINGERPRINT)}
+    assert runs["list"].parameters["models"] == [MODEL, "other"]
+    assert "models" not in runs["own"].parameters and "model" not in runs["own"].parameters
+
+
 def test_cli_exits_non_zero_and_reports_the_cell(tmp_path, capsys):
     book_dir = tmp_path / "book"
     book_dir.mkdir()
