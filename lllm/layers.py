@@ -129,8 +129,13 @@ def _readout(lin: Linearization, decoder: nn.Module, hidden: torch.Tensor, key: 
     return frozen_norm(lin, decoder.norm, vec, key) if norm else vec
 
 
+def _bias_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The decoder's bias parameters (Qwen 2's q/k/v biases, for example)."""
+    return [p for n, p in model.get_decoder().named_parameters() if n.endswith(".bias")]
+
+
 def _has_biases(model: nn.Module) -> bool:
-    return any(n.endswith(".bias") for n, _ in model.get_decoder().named_parameters())
+    return bool(_bias_parameters(model))
 
 
 @contextmanager
@@ -141,7 +146,7 @@ def _without_biases(model: nn.Module) -> Iterator[None]:
     x ↦ J⁺x: basis tangents give the columns J⁺eₖ directly. Computing them as (J⁺eₖ + c) − c
     instead loses all precision when c ≫ J⁺eₖ (Qwen2.5's v biases: 4e-4 in float32).
     """
-    saved = [(p, p.detach().clone()) for n, p in model.get_decoder().named_parameters() if n.endswith(".bias")]
+    saved = [(p, p.detach().clone()) for p in _bias_parameters(model)]
     try:
         with torch.no_grad():
             for p, _ in saved:
@@ -223,11 +228,11 @@ def cumulative_jacobians(
                 jac[k] = reverse_jacobian(targets[k], x, min(64, d), False, "")
         else:
             chunks = list(_basis_chunks(T, d, chunk_size, x0.dtype))
-            for cols, basis in tqdm(chunks, desc="cumulative J⁺ (forward)", disable=not progress, leave=False):
-                with torch.no_grad(), _without_biases(model):
+            with torch.no_grad(), _without_biases(model):
+                for cols, basis in tqdm(chunks, desc="cumulative J⁺ (forward)", disable=not progress, leave=False):
                     outs = _replayed_outputs(model, lin, keys, basis, position, through_norm, components)
-                for k in keys:
-                    jac[k].view(d, T * d)[:, cols] = outs[k].T  # (B, d) columns J⁺eₖ
+                    for k in keys:
+                        jac[k].view(d, T * d)[:, cols] = outs[k].T  # (B, d) columns J⁺eₖ
     result = _assemble("cumulative", layers, components, keys, jac, targets, bias, x0, token_ids, tokenizer,
                        through_norm, chosen, time.perf_counter() - start)
     for comp in components:
@@ -287,11 +292,11 @@ def layerwise_jacobians(
                 if chosen == "reverse":
                     jac[(ell, comp)] = reverse_jacobian(outs[comp][0], h, min(64, d), False, "")[:, 0]
             if chosen == "forward":
-                for cols, basis in _basis_chunks(T, d, chunk_size, x0.dtype):
-                    with torch.no_grad(), _without_biases(model):
+                with torch.no_grad(), _without_biases(model):
+                    for cols, basis in _basis_chunks(T, d, chunk_size, x0.dtype):
                         outs = run(basis)
-                    for comp in components:
-                        jac[(ell, comp)].view(d, T * d)[:, cols] = outs[comp].T  # columns J⁺eₖ
+                        for comp in components:
+                            jac[(ell, comp)].view(d, T * d)[:, cols] = outs[comp].T  # columns J⁺eₖ
     result = _assemble("layerwise", layers, components, keys, jac, targets, bias if _has_biases(model) else None,
                        torch.stack(layer_inputs), token_ids, tokenizer, False, chosen, time.perf_counter() - start)
     for comp in components:
