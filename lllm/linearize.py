@@ -48,18 +48,30 @@ class Linearization:
     mlp_split: str = "activation"
     record: bool = False  # store each frozen factor on the next forwards
     replay: bool = False  # use stored factors instead of computing them from the input
+    # Replay on the recorded tokens start…stop-1 only (stop None: to the end). Exact for inputs that are
+    # zero before `start` and outputs read before `stop`: causal attention carries nothing backwards.
+    start: int = 0
+    stop: int | None = None
     factors: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def frozen(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def frozen(self, key: str, compute: Callable[[], torch.Tensor], token_dims: tuple[int, ...] = (-2,)) -> torch.Tensor:
         """The frozen factor `key`: recorded/replayed when asked, else computed and detached."""
         if self.replay:
-            if key not in self.factors:
-                raise UnsupportedModelError(f"no recorded frozen factor for {key!r}; record a forward first")
-            return self.factors[key]
+            return self.replayed(key, token_dims)
         value = compute().detach()
         if self.record:
             self.factors[key] = value
         return value
+
+    def replayed(self, key: str, token_dims: tuple[int, ...] = (-2,)) -> torch.Tensor:
+        """The recorded factor `key`, its token axes `token_dims` cut to tokens start…stop-1."""
+        if key not in self.factors:
+            raise UnsupportedModelError(f"no recorded frozen factor for {key!r}; record a forward first")
+        factor = self.factors[key]
+        for dim in token_dims if self.start or self.stop is not None else ():
+            stop = factor.shape[dim] if self.stop is None else self.stop
+            factor = factor.narrow(dim, self.start, stop - self.start)
+        return factor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +138,8 @@ def _norm_forward(self: nn.Module, hidden_states: torch.Tensor, *, lin: Lineariz
     h = hidden_states.to(_compute_dtype(input_dtype))
     eps = getattr(self, "variance_epsilon", None)
     eps = self.eps if eps is None else eps
-    inv_rms = lin.frozen(key, lambda: torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))  # (B, T, 1)
+    token_dims = (-2,) if h.dim() == 3 else ()  # a (B, d) logit-lens readout has no token axis
+    inv_rms = lin.frozen(key, lambda: torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps), token_dims)  # (B, T, 1)
     h = h * inv_rms
     if style == "weight_after_cast":
         return self.weight * h.to(input_dtype)
@@ -149,8 +162,20 @@ def _gate_and_up(self: nn.Module, x: torch.Tensor, style: str) -> tuple[torch.Te
     return self.gate_proj(x), self.up_proj(x), self.act_fn
 
 
+def _live_branch(self: nn.Module, x: torch.Tensor, style: str, branch: str) -> torch.Tensor:
+    """up(x) or gate(x) alone (B, T, I): under replay the other branch is a recorded factor, not computed."""
+    if style == "split":
+        return (self.up_proj if branch == "up" else self.gate_proj)(x)
+    weight, bias = self.gate_up_proj.weight, self.gate_up_proj.bias  # rows: gate, then up
+    half = slice(weight.shape[0] // 2, None) if branch == "up" else slice(0, weight.shape[0] // 2)
+    return nn.functional.linear(x, weight[half], None if bias is None else bias[half])
+
+
 def _mlp_forward(self: nn.Module, x: torch.Tensor, *, lin: Linearization, key: str, style: str):
     """Gated MLP, linear in x through exactly one of its two branches."""
+    if lin.replay:
+        live = _live_branch(self, x, style, "up" if lin.mlp_split == "activation" else "gate")
+        return self.down_proj(lin.replayed(key) * live)
     gate, up, act = _gate_and_up(self, x, style)  # (B, T, I) each
     if lin.mlp_split == "activation":
         # paper eq. (8): act(gate(x)) frozen, up(x) live; same op order => bitwise-equal output
@@ -158,10 +183,9 @@ def _mlp_forward(self: nn.Module, x: torch.Tensor, *, lin: Linearization, key: s
     # "gate" split: gate(x) live, up(x)·act(g)/g frozen. act(g)/g -> 1/2 at g = 0 for SiLU and GELU.
     frozen = lin.frozen(key, lambda: up * torch.where(gate == 0, 0.5, act(gate) / gate))
     hidden = gate * frozen
-    if not lin.replay:
-        # hidden and act(g)·up agree to a few ulps, so (exact - hidden) is exact (Sterbenz) and the
-        # sum below returns act(g)·up bit for bit; the detached correction is a rounding-level constant.
-        hidden = hidden + (act(gate) * up - hidden).detach()
+    # hidden and act(g)·up agree to a few ulps, so (exact - hidden) is exact (Sterbenz) and the
+    # sum below returns act(g)·up bit for bit; the detached correction is a rounding-level constant.
+    hidden = hidden + (act(gate) * up - hidden).detach()
     return self.down_proj(hidden)
 
 
@@ -171,11 +195,32 @@ def _qk_hook(lin: Linearization, key: str, n_frozen: int | None):
     def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         qk = output if n_frozen is None else output[..., :n_frozen]  # (B, T, q+k)
         frozen = lin.frozen(key, lambda: qk)
-        if lin.replay:
-            frozen = frozen.expand(*output.shape[:-1], frozen.shape[-1])
         return frozen if n_frozen is None else torch.cat([frozen, output[..., n_frozen:]], dim=-1)
 
     return hook
+
+
+def _attention_forward(self: nn.Module, *args, lin: Linearization, key: str, style: str, original: Callable, **kwargs):
+    """Attention: transformers' own forward (Q/K frozen by hooks), recording the softmax weights P;
+    under replay, o_proj(P · V(x)) with P replayed, so Q, K, RoPE and the softmax are not recomputed."""
+    if not lin.replay:
+        output, probs = original(*args, **kwargs)
+        if lin.record:
+            lin.factors[f"{key}.probs"] = probs.detach()  # (1, H, T, T): eager returns the weights it used
+        return output, probs
+    hidden_states = args[0] if args else kwargs["hidden_states"]  # (B, T, d)
+    batch, n_tokens = hidden_states.shape[:2]
+    n_kv, head_dim = self.config.num_key_value_heads, self.head_dim
+    if style == "fused_qkv":  # rows q, k, v: only v is live
+        n_v, weight, bias = n_kv * head_dim, self.qkv_proj.weight, self.qkv_proj.bias
+        v = nn.functional.linear(hidden_states, weight[-n_v:], None if bias is None else bias[-n_v:])
+    else:
+        v = self.v_proj(hidden_states)
+    v = v.view(batch, n_tokens, n_kv, 1, head_dim).permute(0, 2, 3, 1, 4)  # (B, kv, 1, T, hs)
+    probs = lin.replayed(f"{key}.probs", (-2, -1))  # (1, H, T, T); heads grouped per kv head as repeat_kv
+    probs = probs.reshape(probs.shape[0], n_kv, -1, n_tokens, n_tokens)  # (1, kv, H/kv, T, T)
+    out = (probs @ v).flatten(1, 2).transpose(1, 2).reshape(batch, n_tokens, -1)  # (B, T, H·hs)
+    return self.o_proj(out), None
 
 
 @contextmanager
@@ -202,12 +247,12 @@ def detached(model: nn.Module, *, mlp_split: str = "activation", record: bool = 
                 patch, style = _mlp_forward, family.mlps[cls]
             elif cls in family.attentions:
                 hooks += _attach_qk_hooks(lin, path, module, family.attentions[cls])
-                continue
+                patch, style = _attention_forward, family.attentions[cls]
             else:
                 continue
             saved_forwards.append((module, module.__dict__.get("forward")))
-            bound = types.MethodType(_bind(patch, lin=lin, key=path, style=style), module)
-            module.forward = bound
+            extra = {"original": module.forward} if patch is _attention_forward else {}
+            module.forward = types.MethodType(_bind(patch, lin=lin, key=path, style=style, **extra), module)
         model._lllm_detached = True
         yield lin
     finally:
@@ -224,8 +269,8 @@ def detached(model: nn.Module, *, mlp_split: str = "activation", record: bool = 
 def _bind(fn: Callable, **kw) -> Callable:
     """fn with keyword arguments fixed, as a plain function suitable for types.MethodType."""
 
-    def forward(self, x):
-        return fn(self, x, **kw)
+    def forward(self, *args, **kwargs):
+        return fn(self, *args, **kwargs, **kw)
 
     return forward
 

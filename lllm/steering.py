@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from .errors import LLLMError
 from .generation import greedy_continuation, next_token_logits
 from .jacobian import embed, tokenize
-from .layers import _basis_chunks, _check_result_fits, _has_biases, _Trace
+from .layers import _causal_basis, _check_result_fits, _has_biases, _Trace, _without_biases
 from .linearize import detached
 
 DEFAULT_LAMS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.0)
@@ -93,10 +93,10 @@ class SteeringOperator:
         """T_c, the concept's length."""
         return len(self.token_ids)
 
-    def _replay(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        """The concept's affine layer-L map applied to a batch (B, T_c, d): (B, T_c, d)."""
+    def _replay(self, inputs_embeds: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The concept's affine layer-L map on its tokens start…T_c-1, applied to a batch (B, T_c - start, d)."""
         with detached(self.model, mlp_split=self.mlp_split) as lin, torch.no_grad():
-            lin.factors, lin.replay = self.factors, True
+            lin.factors, lin.replay, lin.start = self.factors, True, start
             return _layer_output(self.model, self.layer, inputs_embeds)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,14 +111,12 @@ class SteeringOperator:
         """The materialized J⁺_L: (T_c, d_out, T_c, d_in), J[p, :, q, :] = ∂f_L[p] / ∂x_q (zero for q > p)."""
         n, d = self.inputs.shape
         _check_result_fits(n, d, n, d, self.inputs.dtype)
-        jac = torch.empty(n, d, n * d, dtype=self.inputs.dtype)
-        chunks = list(_basis_chunks(n, d, chunk_size, self.inputs.dtype))
-        for cols, basis in tqdm(chunks, desc="concept J⁺_L columns", disable=not progress, leave=False):
-            columns = self._replay(basis)  # (B, T_c, d): J⁺_L e + c_L
-            if self.bias is not None:
-                columns = columns - self.bias
-            jac[:, :, cols] = columns.permute(1, 2, 0)
-        return jac.view(n, d, n, d)
+        jac = torch.zeros(n, d, n, d, dtype=self.inputs.dtype)
+        chunks = list(_causal_basis(n - 1, d, chunk_size, self.inputs.dtype))
+        with _without_biases(self.model):  # columns J⁺_L e directly, not (J⁺_L e + c_L) − c_L
+            for i, ks, basis in tqdm(chunks, desc="concept J⁺_L columns", disable=not progress, leave=False):
+                jac[i:, :, i, ks] = self._replay(basis, start=i).permute(1, 2, 0)  # (T_c - i, d, B)
+        return jac
 
 
 def concept_operator(
