@@ -160,7 +160,7 @@ def test_model_is_restored_and_operator_refuses_misuse():
 
 def test_a_missed_nonlinearity_is_refused(monkeypatch):
     """With the factors left live, J no longer reconstructs y: the operator must refuse to open."""
-    monkeypatch.setattr(Linearization, "frozen", lambda self, key, compute: compute())
+    monkeypatch.setattr(Linearization, "frozen", lambda self, key, compute, *dims: compute())
     model = tiny_model("llama", torch.float64)
     with pytest.raises(LinearizationError):
         with DetachedOperator.from_prompt(model, TOK, PROMPT):
