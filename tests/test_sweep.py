@@ -59,7 +59,7 @@ def sweep(out: Path, prompts, **kw):
 
 def test_row_agrees_with_independent_computation(tmp_path):
     prompt = "5 17 33 8 61 2 40"
-    row = sweep(tmp_path / "r.parquet", [prompt]).iloc[0]
+    row = sweep(tmp_path / "r.parquet", [prompt], method="forward").iloc[0]
     model, tok = tiny_loader(MODEL, torch.float64)
     assert pd.isna(row["error"])
     # the final J⁺ came from the cumulative (forward) sweep; the reverse-mode J⁺ must agree with it
