@@ -1,7 +1,7 @@
 """lllm against a faithful re-implementation of the reference method (benchmarks/reference.py), side by side.
 
     python benchmarks/harness.py [--quick] [--cases a,b,c,d] [--model smollm2-135m] [--out benchmarks]
-                                 [--reps-a 3] [--reps 3] [--time-cap 7200]
+                                 [--reps-a 3] [--reps 3] [--time-cap 7200] [--tokens-d 8,16,...]
 
 Cases, each a section of RESULTS.md in --out (a run replaces only the sections of the cases it
 runs, so cases can be run one at a time), case d also writes time_vs_tokens.png:
@@ -584,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps-a", type=int, help="in-process repetitions of case a (default 3; quick 1)")
     parser.add_argument("--reps", type=int, help="in-process repetitions of case d's short prompts (default 3)")
     parser.add_argument("--time-cap", type=float, help="seconds a fresh subprocess may take (default 7200)")
+    parser.add_argument("--tokens-d", help="comma-separated prompt lengths of case d (default 8,16,…,512)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -592,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     if not cases or set(cases) - set("abcd"):
         parser.error(f"--cases must be a comma-separated subset of a,b,c,d, got {args.cases!r}")
-    overrides = {"reps_a": args.reps_a, "reps": args.reps, "time_cap": args.time_cap}
+    overrides = {"reps_a": args.reps_a, "reps": args.reps, "time_cap": args.time_cap,
+                 "tokens_d": args.tokens_d and tuple(int(t) for t in args.tokens_d.split(","))}
     config = dataclasses.replace(QUICK if args.quick else FULL, **{k: v for k, v in overrides.items() if v is not None})
     args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(args.model, config)

@@ -25,11 +25,11 @@ parts, atomically, once every prompt has a row. A prompt that raises records the
 dying) leaves its prompts missing for the next run and fails the run with `SweepIncompleteError`.
 
 Cost, measured in CPU seconds on SmolLM2-135M (float32, one thread): the default is faithful, every
-layer/attention/MLP output of all 30 layers. Its cumulative Jacobians take T·d forward tangents,
-each T tokens long, so a prompt costs about 2·T² s (104 s at T = 7, 238 s at T = 11): about 3.5
-CPU-hours for the bundled 113 prompts. `FAST` (the CLI's --fast) keeps the layer outputs of every
-third layer, by reverse mode (d rows through ℓ+1 layers each): about 6·T s a prompt (44 s at T = 7),
-an hour and a half of CPU for the bundled set, under an hour on two cores. `layers="none"` skips
+layer/attention/MLP output of all 30 layers, from one forward sweep of the replayed network (a
+tangent at token i runs on tokens i…T-1 only, so the cost grows as T(T+1)/2): 46 s at T = 7 and
+95 s at T = 11. `FAST` (the CLI's --fast) keeps the layer outputs of every third layer, by reverse
+mode (d rows through ℓ+1 layers each, growing as T): 49 s at T = 7 and 70 s at T = 11, so it only
+pays on longer prompts; the bundled 113 prompts took a median of 48 s each. `layers="none"` skips
 the depth profile: the final J⁺ alone, about 1.2·T s a prompt.
 """
 
@@ -689,7 +689,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--components", default=",".join(COMPONENTS), help="of layer,attn,mlp")
     parser.add_argument("--method", choices=METHODS, default="auto", help="of the cumulative Jacobians")
     parser.add_argument("--fast", action="store_true",
-                        help="--layers every:3 --components layer --method reverse: about a third of the time")
+                        help="--layers every:3 --components layer --method reverse: cheaper than the default "
+                        "from about 9 tokens on")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per process; 1 keeps rows identical across engines")
     parser.add_argument("--loader", default=DEFAULT_LOADER, help="module:function returning (model, tokenizer)")
