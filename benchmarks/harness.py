@@ -1,7 +1,7 @@
 """lllm against a faithful re-implementation of the reference method (benchmarks/reference.py), side by side.
 
     python benchmarks/harness.py [--quick] [--cases a,b,c,d] [--model smollm2-135m] [--out benchmarks]
-                                 [--reps-a 3] [--reps 3] [--time-cap 7200] [--tokens-d 8,16,...]
+                                 [--reps-a 3] [--reps 3] [--time-cap 7200] [--tokens-d 8,16,...] [--chunks-c 8,32,64]
 
 Cases, each a section of RESULTS.md in --out (a run replaces only the sections of the cases it
 runs, so cases can be run one at a time), case d also writes time_vs_tokens.png:
@@ -585,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, help="in-process repetitions of case d's short prompts (default 3)")
     parser.add_argument("--time-cap", type=float, help="seconds a fresh subprocess may take (default 7200)")
     parser.add_argument("--tokens-d", help="comma-separated prompt lengths of case d (default 8,16,…,512)")
+    parser.add_argument("--chunks-c", help="comma-separated chunk sizes of case c (default 8,32,64)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -594,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     if not cases or set(cases) - set("abcd"):
         parser.error(f"--cases must be a comma-separated subset of a,b,c,d, got {args.cases!r}")
     overrides = {"reps_a": args.reps_a, "reps": args.reps, "time_cap": args.time_cap,
-                 "tokens_d": args.tokens_d and tuple(int(t) for t in args.tokens_d.split(","))}
+                 "tokens_d": args.tokens_d and tuple(int(t) for t in args.tokens_d.split(",")),
+                 "chunks_c": args.chunks_c and tuple(int(c) for c in args.chunks_c.split(","))}
     config = dataclasses.replace(QUICK if args.quick else FULL, **{k: v for k, v in overrides.items() if v is not None})
     args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(args.model, config)
