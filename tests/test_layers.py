@@ -66,7 +66,10 @@ def test_layer_selection_and_auto_method():
     both = cumulative_jacobians(model, TOK, PROMPT, progress=False)
     assert one.layers == [0] and list(one.jacobian) == ["mlp"]
     torch.testing.assert_close(one.jacobian["mlp"][0], both.jacobian["mlp"][0], rtol=0, atol=1e-12)
-    assert both.method == "forward"  # 7·32 tangents through 2 layers beat 3·2 outputs × 32 rows back
+    # auto follows the cost model: read at the last of 7 tokens, 32·28 tangent-tokens through 2 layers cost more
+    # than 0.7 × 32 rows × 7 tokens back through 1 + 2 layers for 3 components; read at token 1, only 32·3 do
+    assert both.method == "reverse"
+    assert cumulative_jacobians(model, TOK, PROMPT, position=1, progress=False).method == "forward"
 
 
 def test_through_norm_off_reads_the_raw_residual_stream():
