@@ -190,7 +190,8 @@ def _mlp_forward(self: nn.Module, x: torch.Tensor, *, lin: Linearization, key: s
 
 
 def _qk_hook(lin: Linearization, key: str, n_frozen: int | None):
-    """Forward hook on a Q/K (or fused QKV) projection: detach (or replay) the Q/K columns."""
+    """Forward hook on a Q/K (or fused QKV) projection: detach the Q/K columns (replay bypasses it: see
+    _attention_forward, which uses the recorded softmax weights instead)."""
 
     def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         qk = output if n_frozen is None else output[..., :n_frozen]  # (B, T, q+k)
