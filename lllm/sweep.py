@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import time
 import uuid
@@ -706,11 +707,17 @@ def run(args: argparse.Namespace) -> int:
             raise SweepError("--fast sets --layers, --components and --method; pass either --fast or those")
         analysis = FAST
     start = time.perf_counter()
-    df = run_sweep(
-        args.model, args.prompts, args.out, engine=args.engine, workers=args.workers, scheduler=args.scheduler,
-        batch_size=args.batch_size, dtype=args.dtype, threads=args.threads, loader=args.loader,
-        progress=not args.no_progress, **analysis,
-    )
+    try:
+        df = run_sweep(
+            args.model, args.prompts, args.out, engine=args.engine, workers=args.workers, scheduler=args.scheduler,
+            batch_size=args.batch_size, dtype=args.dtype, threads=args.threads, loader=args.loader,
+            progress=not args.no_progress, **analysis,
+        )
+    except KeyboardInterrupt:  # Ctrl-C: what is committed stays; say how to go on rather than print a traceback
+        store = PartStore(args.out)
+        print(f"\nlllm sweep: interrupted; {len(store.read())} prompts are committed in {store.dir}. "
+              f"The same command computes only the rest.", file=sys.stderr)
+        return 130  # 128 + SIGINT, the shell's convention
     summary = summarize_sweep(df)
     last_run = PartStore(args.out).runs()[-1]
     print(f"{summary['n_prompts']} prompts ({last_run['computed']} computed now, {last_run['already_done']} "

@@ -36,6 +36,13 @@ def tiny_loader(name: str, dtype: torch.dtype):
     return tiny_model(name.removeprefix("tiny:"), dtype, seed=0), IdsTokenizer()
 
 
+def slow_tiny_loader(name: str, dtype: torch.dtype):
+    """tiny_loader whose every forward first sleeps 50 ms, so that a signal lands while prompts are running."""
+    model, tokenizer = tiny_loader(name, dtype)
+    model.register_forward_pre_hook(lambda module, args: time.sleep(0.05))
+    return model, tokenizer
+
+
 def id_prompts(n: int, lengths: tuple[int, int], seed: int) -> list[str]:
     """n distinct prompts of the tiny tokenizer: space-separated token ids."""
     rng = random.Random(seed)
@@ -183,6 +190,34 @@ def test_killed_sweep_resumes_computing_only_missing_prompts(tmp_path):
     assert list(resumed["prompt"]) == prompts and resumed["prompt_id"].is_unique
     assert _plain(resumed) == _plain(uninterrupted)
     assert pq.read_table(out).num_rows == len(prompts)
+
+
+@pytest.mark.parametrize("engine", ["local", "dask"])
+def test_ctrl_c_stops_the_sweep_keeps_its_rows_and_the_rerun_completes_it(tmp_path, engine):
+    prompts = id_prompts(12, (3, 6), seed=4)
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "interrupted.parquet"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    cmd = [sys.executable, "-m", "lllm.cli", "sweep", "--model", MODEL, "--loader", "test_sweep:slow_tiny_loader",
+           "--prompts", str(prompt_file), "--out", str(out), "--dtype", "float64", "--engine", engine, "--no-progress"]
+    # SIGINT as the terminal sends it; a child of a non-interactive shell may inherit it ignored, so restore it
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    store = PartStore(out)
+    deadline = time.monotonic() + 120
+    while not (store.dir.is_dir() and store.parts()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    committed = len(store.read())
+    assert proc.returncode == 130, err
+    assert not out.exists() and 1 <= committed < len(prompts), "the signal must land after a commit, before the end"
+    assert f"interrupted; {committed} prompts are committed" in err and "Traceback" not in err.split("interrupted")[-1]
+
+    resumed = run_sweep(MODEL, prompt_file, out, loader="test_sweep:slow_tiny_loader", dtype="float64", progress=False)
+    assert store.runs()[-1]["already_done"] == committed
+    assert _plain(resumed) == _plain(sweep(tmp_path / "whole.parquet", prompt_file))  # the sleep changes no number
 
 
 def test_rerun_of_a_finished_sweep_computes_nothing_and_new_prompts_only(tmp_path):
