@@ -163,22 +163,31 @@ def test_dask_engine_rows_equal_local_rows_and_each_worker_loads_once(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+def cli_sweep_past_its_first_commit(prompt_file: Path, out: Path, loader: str, *options: str) -> subprocess.Popen:
+    """`lllm sweep` on the tiny model in a subprocess (stderr piped as text), returned once a part is committed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    cmd = [sys.executable, "-m", "lllm.cli", "sweep", "--model", MODEL, "--loader", loader, "--prompts",
+           str(prompt_file), "--out", str(out), "--dtype", "float64", "--no-progress", *options]
+    # SIGINT as the terminal sends it; a child of a non-interactive shell may inherit it ignored, so restore it
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    store = PartStore(out)
+    deadline = time.monotonic() + 120
+    while not (store.dir.is_dir() and store.parts()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return proc
+
+
 def test_killed_sweep_resumes_computing_only_missing_prompts(tmp_path):
     prompts = id_prompts(40, (40, 60), seed=2)
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("# tiny-model prompts\n" + "\n".join(prompts) + "\n")
     out = tmp_path / "killed.parquet"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    cmd = [sys.executable, "-m", "lllm.cli", "sweep", "--model", MODEL, "--loader", LOADER, "--prompts",
-           str(prompt_file), "--out", str(out), "--dtype", "float64", "--no-progress"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = cli_sweep_past_its_first_commit(prompt_file, out, LOADER)
     store = PartStore(out)
-    deadline = time.monotonic() + 120
-    while not (store.dir.is_dir() and store.parts()) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
     committed = len(store.read())
     assert not out.exists() and 1 <= committed < len(prompts), "the kill must land after a commit, before the end"
 
@@ -198,16 +207,8 @@ def test_ctrl_c_stops_the_sweep_keeps_its_rows_and_the_rerun_completes_it(tmp_pa
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(prompts) + "\n")
     out = tmp_path / "interrupted.parquet"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    cmd = [sys.executable, "-m", "lllm.cli", "sweep", "--model", MODEL, "--loader", "test_sweep:slow_tiny_loader",
-           "--prompts", str(prompt_file), "--out", str(out), "--dtype", "float64", "--engine", engine, "--no-progress"]
-    # SIGINT as the terminal sends it; a child of a non-interactive shell may inherit it ignored, so restore it
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = cli_sweep_past_its_first_commit(prompt_file, out, "test_sweep:slow_tiny_loader", "--engine", engine)
     store = PartStore(out)
-    deadline = time.monotonic() + 120
-    while not (store.dir.is_dir() and store.parts()) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     committed = len(store.read())
