@@ -20,7 +20,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .errors import LinearizationError, MemoryBudgetError, PromptError
-from .linearize import detached
+from .oplevel import additive_parameters, linearized
 
 # Largest reconstruction error that a complete linearization can show, by dtype; above it a
 # nonlinearity escaped the patches and the result is refused rather than returned.
@@ -92,27 +92,58 @@ def embed(model: nn.Module, token_ids: Sequence[int]) -> torch.Tensor:
         return model.get_input_embeddings()(ids)[0].detach()
 
 
-def final_hidden(model: nn.Module, x: torch.Tensor, position: int = -1) -> torch.Tensor:
-    """y: (d,) the hidden state at `position` after the final norm, for inputs x: (T, d)."""
-    out = model.get_decoder()(inputs_embeds=x[None], use_cache=False)
-    return out.last_hidden_state[0, position]  # (d,)
+class _Captured(Exception):
+    """Raised by the output-embedding hook once it has what it reads: the logits are never computed."""
+
+
+def text_config(model: nn.Module):
+    """The config of the text decoder (a multimodal wrapper keeps it under text_config)."""
+    return model.config.get_text_config()
+
+
+def final_hidden(model: nn.Module, x: torch.Tensor, position: int = -1, parameters: dict | None = None) -> torch.Tensor:
+    """y: (d,) what the output embedding (lm_head) reads at `position`, from a forward of the whole model
+    on input embeddings x: (T, d), with `parameters` swapped in by name if given. Hooks, a user's own
+    forwards and multimodal wrappers are all on the path; the logits are never computed."""
+    kwargs = {"inputs_embeds": x[None], "use_cache": False}
+    forward = (lambda: model(**kwargs)) if parameters is None else (lambda: functional_call(model, parameters, (), kwargs))
+    head = model.get_output_embeddings()
+    if head is None:  # a bare decoder: its last hidden state is what a head would read
+        return forward().last_hidden_state[0, position]
+    read = {}
+
+    def grab(module, args, kwargs):
+        read["y"] = args[0] if args else next(iter(kwargs.values()))
+        raise _Captured
+
+    handle = head.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        forward()
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if "y" not in read:
+        raise LinearizationError(f"{type(model).__name__} never called its output embedding on the input embeddings")
+    return read["y"][0, position]  # (d,)
 
 
 def bias_term(model: nn.Module, x: torch.Tensor, position: int = -1) -> torch.Tensor | None:
-    """c: (d,), the detached Jacobian w.r.t. every bias applied to the biases (one JVP), or None.
+    """c: (d,), the detached Jacobian w.r.t. every additive parameter applied to those parameters (one JVP).
 
-    Must be called inside `detached(model)`. With the nonlinearities frozen the network is jointly
-    homogeneous in (x, biases), so y = J⁺x + J_b b; c = J_b b is computed independently of y.
+    Must be called inside a linearization. With the nonlinearities frozen the network is jointly
+    homogeneous in (x, additive parameters: biases and position tables), so y = J⁺x + J_b b; c = J_b b is
+    computed independently of y, as the tangent of one forward whose parameter tangents are the
+    parameters themselves.
     """
-    decoder = model.get_decoder()
-    biases = {n: p for n, p in decoder.named_parameters() if n.endswith(".bias")}
-    if not biases:
+    names = [name for _, _, name in additive_parameters(model)]
+    if not names:
         return None
+    params = dict(model.named_parameters(remove_duplicate=False))
     with fwAD.dual_level():
-        duals = {n: fwAD.make_dual(p.detach(), p.detach()) for n, p in biases.items()}
-        out = functional_call(decoder, duals, args=(), kwargs={"inputs_embeds": x[None], "use_cache": False})
-        tangent = fwAD.unpack_dual(out.last_hidden_state).tangent
-    return tangent[0, position].detach()
+        duals = {n: fwAD.make_dual(params[n].detach(), params[n].detach()) for n in names}
+        tangent = fwAD.unpack_dual(final_hidden(model, x, position, parameters=duals)).tangent
+    return torch.zeros_like(x[0]) if tangent is None else tangent.detach()
 
 
 def jvp_reconstruction(model: nn.Module, x: torch.Tensor, position: int = -1, *, detach: bool = True) -> torch.Tensor:
@@ -124,7 +155,7 @@ def jvp_reconstruction(model: nn.Module, x: torch.Tensor, position: int = -1, *,
     with fwAD.dual_level():
         dual = fwAD.make_dual(x.detach(), x.detach())
         if detach:
-            with detached(model):
+            with linearized(model):
                 out = final_hidden(model, dual, position)
         else:
             out = final_hidden(model, dual, position)
@@ -133,7 +164,7 @@ def jvp_reconstruction(model: nn.Module, x: torch.Tensor, position: int = -1, *,
 
 def estimate_jacobian_bytes(model: nn.Module, n_tokens: int, chunk_size: int, dtype: torch.dtype) -> int:
     """A conservative peak-memory estimate (bytes) of one batched reverse-mode Jacobian."""
-    cfg = model.config
+    cfg = text_config(model)
     d, layers = cfg.hidden_size, cfg.num_hidden_layers
     inter = getattr(cfg, "intermediate_size", 4 * d)
     heads = cfg.num_attention_heads
@@ -147,7 +178,7 @@ def estimate_jacobian_bytes(model: nn.Module, n_tokens: int, chunk_size: int, dt
 
 def check_fits(model: nn.Module, n_tokens: int, chunk_size: int, dtype: torch.dtype) -> None:
     """Refuse, with a clear message, a prompt whose Jacobian would not fit in memory."""
-    max_pos = getattr(model.config, "max_position_embeddings", None)
+    max_pos = getattr(text_config(model), "max_position_embeddings", None)
     if max_pos is not None and n_tokens > max_pos:
         raise PromptError(f"the prompt has {n_tokens} tokens, more than the model's {max_pos} positions")
     need = estimate_jacobian_bytes(model, n_tokens, chunk_size, dtype)
@@ -195,25 +226,27 @@ def detached_jacobian(
     """
     token_ids = tokenize(tokenizer, prompt_or_ids)
     x0 = embed(model, token_ids)  # (T, d)
-    d_out = model.config.hidden_size
+    d_out = text_config(model).hidden_size
     chunk_size = chunk_size or default_chunk_size(d_out)
     check_fits(model, len(token_ids), chunk_size, x0.dtype)
     tokens = [tokenizer.decode([i]) for i in token_ids]
     start = time.perf_counter()
     x = x0.clone().requires_grad_(True)
-    bias = None
+    bias, meta = None, {}
     if detach:
-        with detached(model, mlp_split=mlp_split):
+        with linearized(model, mlp_split=mlp_split) as lin:
             y = final_hidden(model, x, position)
+            lin.check_linear(y, "the output embedding y")
             jac = reverse_jacobian(y, x, chunk_size, progress, "J⁺ rows")
             bias = bias_term(model, x0, position)
+        meta["linearization"] = lin.report()
     else:
         with torch.enable_grad():
             y = final_hidden(model, x, position)
             jac = reverse_jacobian(y, x, chunk_size, progress, "J rows")
     result = JacobianResult(
         jacobian=jac, inputs=x0, output=y.detach(), bias=bias, token_ids=token_ids, tokens=tokens,
-        detached=detach, position=position, mlp_split=mlp_split, seconds=time.perf_counter() - start,
+        detached=detach, position=position, mlp_split=mlp_split, seconds=time.perf_counter() - start, meta=meta,
     )
     if detach:
         _self_check(result.relative_error, x0.dtype, "the final output embedding")

@@ -86,6 +86,7 @@ def check_coverage(model: nn.Module, family: Family | None = None) -> Family:
         raise UnsupportedModelError("model is in training mode (dropout is random); call model.eval() first")
     modules = dict(model.named_modules())
     for path, module in modules.items():
+        _check_unmodified(path or "<root>", module)
         cls = type(module).__name__
         known = (
             family.containers + LINEAR_MODULES + family.embeddings + family.rotary
@@ -108,6 +109,22 @@ def check_coverage(model: nn.Module, family: Family | None = None) -> Family:
             "adapter in lllm/families.py if it is linear in its input."
         )
     return family
+
+
+def _check_unmodified(path: str, module: nn.Module) -> None:
+    """The adapters know transformers' forwards by class name: refuse anything that changes what runs."""
+    if module.training:
+        raise UnsupportedModelError(f"module {path!r} is in training mode (dropout is random); call model.eval() first")
+    if "forward" in module.__dict__:
+        raise CoverageError(f"module {path!r} has its own forward, which the class-name adapter would replace; use "
+                            "lllm.detached_jacobian (op-level), which linearizes the forward that really runs")
+    if module._forward_hooks or module._forward_pre_hooks:
+        raise CoverageError(f"module {path!r} has forward hooks, which the class-name adapter cannot see; use "
+                            "lllm.detached_jacobian (op-level), which linearizes what the hooks compute")
+    origin = type(module).__module__
+    if not origin.startswith(("transformers.", "torch.nn.")):
+        raise CoverageError(f"module {path!r} is of class {origin}.{type(module).__name__}, not transformers' own; "
+                            "the class-name adapter cannot know its forward")
 
 
 def _check_eager(path: str, attention: nn.Module) -> None:

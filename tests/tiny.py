@@ -28,6 +28,77 @@ FAMILY_CONFIGS = {
 }
 
 
+# Every architecture the op-level linearization is tested on: name -> (config class, model class, options).
+# Configs of other shapes than COMMON name their sizes themselves; each exercises its family's quirks.
+_H = {k: v for k, v in COMMON.items() if k != "attn_implementation"}
+_H.pop("head_dim")
+ARCHITECTURES = {
+    **{name: (cfg, cls, {**_H, "head_dim": 8, **extra}) for name, (cfg, cls, extra) in FAMILY_CONFIGS.items()},
+    "gpt2": (T.GPT2Config, T.GPT2LMHeadModel, dict(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=128,
+                                                   bos_token_id=1, eos_token_id=2)),  # LayerNorm+bias, wpe, tanh-GELU
+    "gpt_neox": (T.GPTNeoXConfig, T.GPTNeoXForCausalLM, dict(_H, rotary_pct=0.5, use_parallel_residual=True)),
+    "phi": (T.PhiConfig, T.PhiForCausalLM, dict(_H, partial_rotary_factor=0.5)),
+    "falcon": (T.FalconConfig, T.FalconForCausalLM, dict(  # multi-query, parallel attention + MLP
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=96, multi_query=True,
+        parallel_attn=True, new_decoder_architecture=False, bias=True)),
+    "falcon_alibi": (T.FalconConfig, T.FalconForCausalLM, dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=96, alibi=True, multi_query=False,
+        parallel_attn=False, bias=True)),
+    "stablelm": (T.StableLmConfig, T.StableLmForCausalLM, dict(_H, qk_layernorm=True, use_qkv_bias=True)),
+    "olmo": (T.OlmoConfig, T.OlmoForCausalLM, _H),  # non-parametric LayerNorm
+    "starcoder2": (T.Starcoder2Config, T.Starcoder2ForCausalLM, dict(_H, use_bias=True, sliding_window=4)),
+    "gemma": (T.GemmaConfig, T.GemmaForCausalLM, dict(_H, head_dim=8)),
+    "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, dict(
+        _H, head_dim=8, sliding_window=4, attn_logit_softcapping=20.0, final_logit_softcapping=30.0,
+        query_pre_attn_scalar=8)),
+    "mixtral": (T.MixtralConfig, T.MixtralForCausalLM, dict(_H, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": (T.Qwen3MoeConfig, T.Qwen3MoeForCausalLM, dict(
+        _H, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1)),
+    "olmoe": (T.OlmoeConfig, T.OlmoeForCausalLM, dict(_H, num_experts=4, num_experts_per_tok=2)),
+    "granite": (T.GraniteConfig, T.GraniteForCausalLM, dict(
+        _H, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=4.0)),
+    "cohere": (T.CohereConfig, T.CohereForCausalLM, dict(_H, logit_scale=0.5)),
+    "smollm3": (T.SmolLM3Config, T.SmolLM3ForCausalLM, dict(_H, no_rope_layer_interval=2)),  # NoPE layers
+    "gptj": (T.GPTJConfig, T.GPTJForCausalLM, dict(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=128,
+                                                   rotary_dim=4, bos_token_id=1, eos_token_id=2)),
+    "bloom": (T.BloomConfig, T.BloomForCausalLM, dict(hidden_size=32, n_layer=2, n_head=4, vocab_size=96)),  # ALiBi
+    "opt": (T.OPTConfig, T.OPTForCausalLM, dict(  # ReLU, learned positions
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, vocab_size=96,
+        max_position_embeddings=128, word_embed_proj_dim=32)),
+    "gpt_oss": (T.GptOssConfig, T.GptOssForCausalLM, dict(  # sinks, clamped SwiGLU, (up + 1)·glu
+        _H, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"])),
+    "deepseek_v3": (T.DeepseekV3Config, T.DeepseekV3ForCausalLM, dict(  # multi-head latent attention, grouped router
+        _H, num_key_value_heads=4, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
+        topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4,
+        qk_nope_head_dim=8, v_head_dim=8, n_shared_experts=1)),
+}
+
+
+def randomize(model, gemma_norms: bool = False):
+    """Non-trivial random weights, random non-zero biases, norm weights around 1 (around 0 for (1 + w) norms)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln" in name or "layernorm" in name:
+                p.copy_(0.3 * torch.randn_like(p) if gemma_norms else 1.0 + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+            else:
+                p.copy_(0.3 * torch.randn_like(p))
+    return model
+
+
+def tiny_architecture(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, attn_implementation="eager"):
+    """A tiny random model of architecture `name` (ARCHITECTURES), eval mode, eager experts, no grads."""
+    config_cls, model_cls, options = ARCHITECTURES[name]
+    config = config_cls(**options)
+    config._attn_implementation = attn_implementation
+    config._experts_implementation = "eager"  # grouped_mm has no float64 kernel
+    torch.manual_seed(seed)
+    model = randomize(model_cls(config).to(dtype).eval(), gemma_norms=name in ("gemma", "gemma2", "gemma3"))
+    return model.requires_grad_(False)
+
+
 def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):
     """A few-thousand-parameter random model of `family`, in eval mode, weights scaled to be non-trivial."""
     config_cls, model_cls, extra = FAMILY_CONFIGS[family]

@@ -1,0 +1,644 @@
+"""Linearize any decoder at the level of torch operations: freeze, audit, prove.
+
+Inside `linearized(model)` a `TorchFunctionMode` sees every torch function and Tensor method that
+the modeling code calls, and tags each tensor by how it depends on the input embeddings x:
+
+    C  constant in x: weights, masks, positions, rotary tables, eps
+    F  depends on x but detached: a frozen factor (softmax weights, 1/rms) or a frozen decision (top-k)
+    L  live, of degree 1 in (x, additive parameters): the linear stream
+    A  live output of an elementwise activation f(h) = h·g(h), with g frozen
+    N  non-linear in x (Q·Kᵀ, h + ε): may exist, but only ops that freeze it may consume it
+
+With every nonlinear factor frozen the network is jointly homogeneous of degree 1 in (x, biases),
+so y = Σᵢ J⁺ᵢxᵢ + c, with c the JVP over the additive parameters (biases and every embedding table
+other than the token embedding, e.g. GPT-2's `wpe`). The rules (`OP_TABLE`) need no module names:
+
+- ops whose inputs are all C/F run untouched; structural and reduction ops pass the tag through;
+- products freeze N factors first, then A factors (gated MLP: act(gate).detach()·up, paper eq. 8);
+  two plain L factors give N (Q·Kᵀ);
+- additive ops are L only if op(live := 0) is zero, so x + ε is N while h + bias stays L;
+- f(h) with f(0) = 0 (SiLU, GELU, ReLU, tanh, …) becomes h·g(h) with g frozen; other nonlinear ops
+  (softmax, rsqrt, exp, sigmoid, topk, max, comparisons) give F; fused layer_norm/rms_norm keep the
+  mean subtraction live and 1/std frozen; sdpa freezes P and keeps V live.
+
+Every rewrite returns `value.detach() + (s − s.detach())`, `value` being the op's own result, so the
+float32 forward is bit-for-bit unchanged. In float64 no x-dependent tensor is cast down (transformers
+casts softmax and norms to float32): constants that meet float64 are cast up instead.
+
+Audit: an op outside the table that sees a live tensor raises `CoverageError` naming the op, the
+module path and the modeling-file line; any module in training mode, TorchScript or torch.compile is
+refused; a tensor that depends on x but was produced where the mode could not see (a fused kernel, a
+custom autograd.Function with its own backward) is caught because it requires grad without a tag.
+Custom autograd Functions are run decomposed (their forward's torch ops under the mode). The engines
+then check that y is tagged linear, and the numeric reconstruction self-check stays.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .errors import CoverageError, UnsupportedModelError
+
+C, F, L, A, N = "C", "F", "L", "A", "N"
+LIVE = (L, A, N)
+MLP_SPLITS = ("activation", "gate")
+
+# Structural, reduction and cast ops: linear in their first tensor argument, which keeps its tag.
+PASS = {
+    "view", "reshape", "view_as", "reshape_as", "transpose", "transpose_", "permute", "contiguous", "flatten",
+    "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "repeat", "repeat_interleave", "narrow",
+    "select", "__getitem__", "chunk", "split", "split_with_sizes", "unbind", "tensor_split", "clone", "mean",
+    "sum", "flip", "roll", "movedim", "moveaxis", "t", "T", "mT", "diagonal", "index_select", "gather",
+    "take_along_dim", "neg", "__neg__", "negative", "positive", "cumsum", "dropout", "unfold", "tril", "triu",
+    "to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "squeeze_", "unsqueeze_",
+    "embedding", "masked_select", "swapaxes", "swapdims",
+}
+CASTS = {"to", "type", "type_as", "float", "double", "half", "bfloat16"}
+# Products: the argument positions (or keywords) that are factors; the rest (linear's bias) are additive.
+_BINARY = ((0, 1), ("input", "other"))
+PRODUCTS = {
+    **dict.fromkeys(("mul", "__mul__", "__rmul__", "mul_", "__imul__", "multiply", "matmul", "__matmul__",
+                     "__rmatmul__", "outer", "div", "__truediv__", "div_", "__itruediv__", "true_divide"), _BINARY),
+    "bmm": ((0, 1), ("input", "mat2")), "mm": ((0, 1), ("input", "mat2")),
+    "linear": ((0, 1), ("input", "weight")), "addmm": ((1, 2), ("mat1", "mat2")),
+    "baddbmm": ((1, 2), ("batch1", "batch2")), "einsum": None, "_grouped_mm": ((0, 1), ("mat_a", "mat_b")),
+}
+# Ops on a live tensor that only read its shape, dtype or device: the result is constant.
+CONSTRUCTORS = {"zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty",
+                "new_full", "new_tensor", "rand_like", "randn_like"}
+ELEMENTWISE_PRODUCTS = {"mul", "__mul__", "__rmul__", "mul_", "__imul__", "multiply", "div", "__truediv__",
+                        "div_", "__itruediv__", "true_divide"}
+DIVISIONS = {"div", "__truediv__", "div_", "__itruediv__", "true_divide"}
+# Additive ops: L when op(live := 0) is zero, else N.
+ADDITIVE = {
+    "add", "__add__", "__radd__", "add_", "__iadd__", "sub", "__sub__", "__rsub__", "sub_", "__isub__",
+    "rsub", "subtract", "cat", "concat", "concatenate", "stack", "where", "masked_fill", "masked_fill_",
+    "index_add", "index_add_", "scatter_add", "scatter_add_", "scatter", "index_put", "index_put_",
+    "__setitem__", "copy_", "pad", "index_copy", "index_copy_", "masked_scatter",
+}
+# Elementwise f with f(0) = 0, rewritten h·g(h) with g frozen. Value: the factor g as a function of (h, value).
+ACTIVATIONS = {"relu", "silu", "gelu", "tanh", "sin", "erf", "sinh", "asinh", "atan", "arctan", "leaky_relu",
+               "elu", "selu", "celu", "relu6", "hardswish", "mish", "softsign", "abs", "clamp", "clip",
+               "hardtanh", "pow", "__pow__", "square", "hardshrink", "softshrink", "tanhshrink", "threshold"}
+# Nonlinear ops that freeze their input: the result is F (detached).
+FREEZING = {
+    "softmax", "log_softmax", "_softmax", "exp", "exp2", "log", "log2", "log10", "log1p", "expm1", "rsqrt",
+    "sqrt", "reciprocal", "sigmoid", "softplus", "topk", "sort", "argsort", "max", "min", "amax", "amin",
+    "argmax", "argmin", "logsumexp", "std", "var", "var_mean", "std_mean", "norm", "vector_norm",
+    "linalg_vector_norm", "sign", "floor", "ceil", "round", "trunc", "gt", "lt", "ge", "le", "eq", "ne",
+    "__gt__", "__lt__", "__ge__", "__le__", "__eq__", "__ne__", "greater", "less", "isnan", "isinf",
+    "isfinite", "all", "any", "nonzero", "argwhere", "cos", "cosh", "__rtruediv__", "__rpow__", "detach",
+    "logical_not", "logical_and", "logical_or", "bool", "long", "int", "one_hot", "maximum", "minimum",
+    "data", "cumprod", "prod", "sgn", "signbit", "__and__", "__or__", "__invert__", "floor_divide",
+}
+# Always passed through, whatever they see: autograd's own entry points and pure metadata.
+PASSTHROUGH = {"grad", "backward", "_backward_hooks", "register_hook", "retain_grad", "requires_grad_"}
+# f'(0) for activations rewritten by the generic where(h ≠ 0, f(h)/h, f'(0)).
+SLOPE_AT_ZERO = {"relu": 0.5, "leaky_relu": 1.0, "elu": 1.0, "selu": 1.0507009873554805, "celu": 1.0,
+                 "relu6": 0.5, "hardswish": 0.5, "mish": 0.6, "softsign": 1.0, "abs": 0.0, "sin": 1.0,
+                 "tanh": 1.0, "erf": 2 / math.sqrt(math.pi), "sinh": 1.0, "asinh": 1.0, "atan": 1.0,
+                 "arctan": 1.0, "clamp": 1.0, "clip": 1.0, "hardtanh": 1.0, "hardshrink": 0.0,
+                 "softshrink": 0.0, "tanhshrink": 0.0, "threshold": 0.0, "pow": 0.0, "__pow__": 0.0,
+                 "square": 0.0}
+_LLLM_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+@dataclass
+class OpLinearization:
+    """State of one `linearized` context: tensor tags, the module stack, and what was frozen."""
+
+    model: nn.Module
+    mlp_split: str = "activation"
+    tags: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
+    frozen: Counter = field(default_factory=Counter)  # op name -> how often it was frozen
+    splits: Counter = field(default_factory=Counter)  # which factor a product with two live factors froze
+    live_inputs: list = field(default_factory=list)  # tensors tagged L on entry to the outermost forward
+    stack: list = field(default_factory=list)  # module paths of the forwards under way
+    additive: list = field(default_factory=list)  # (module, attribute name): biases and position tables
+
+    def tag(self, t) -> str:
+        """The tag of tensor `t` (untracked tensors are constants)."""
+        return self.tags.get(t, C) if isinstance(t, torch.Tensor) else C
+
+    def mark_live(self, *tensors: torch.Tensor) -> None:
+        """Declare tensors as live inputs (x, or a layer's input hidden states)."""
+        for t in tensors:
+            self.tags[t] = L
+            self.live_inputs.append(t)
+
+    def check_linear(self, t: torch.Tensor, what: str) -> None:
+        """Raise unless `t` is proven linear (affine with biases) in x."""
+        tag = self.tag(t)
+        if tag not in (L, A):
+            raise CoverageError(
+                f"{what} is tagged {tag!r} by lllm's op-level audit, not linear in the input embeddings "
+                f"({_TAG_MEANING[tag]}); the detached Jacobian would not reproduce it. Ops frozen: "
+                f"{dict(self.frozen)}."
+            )
+
+    @property
+    def split(self) -> str:
+        """Which factor the gated products froze: paper eq. 8 ('activation'), 'gate', or another split."""
+        if not self.splits:
+            return "none (no gated product)"
+        return ", ".join(f"{k} ×{v}" for k, v in sorted(self.splits.items()))
+
+    def report(self) -> dict:
+        """What was frozen, for results' metadata and the supported-architectures page."""
+        return {"frozen_ops": dict(sorted(self.frozen.items())), "split": self.split}
+
+
+_TAG_MEANING = {C: "constant", F: "a frozen, detached quantity", L: "linear", A: "linear",
+                N: "non-linear in x: a nonlinearity reached it without being frozen"}
+
+
+def _name(func) -> str:
+    """The op's name; a property getter is named after its property (Tensor.T -> 'T')."""
+    name = getattr(func, "__name__", None) or str(func)
+    if name == "__get__":
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name.rsplit(".", 1)[-1]
+
+
+def _caller() -> str:
+    """file:line of the innermost frame outside torch and lllm: the modeling code that called the op."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not (path.startswith(_TORCH_DIR) or path.startswith(_LLLM_DIR)):
+            return f"{path}:{frame.f_lineno} ({frame.f_code.co_name})"
+        frame = frame.f_back
+    return "<unknown>"
+
+
+def _surrogate(value: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """`value` as a tensor whose derivative is that of `live`: the forward stays bit-for-bit value."""
+    return value.detach() + (live - live.detach())
+
+
+def _zeros_for_live(lin: OpLinearization, obj):
+    """`obj` with every live tensor replaced by zeros: the constant part of an additive op."""
+    return tree_map(lambda t: torch.zeros_like(t.detach()) if lin.tag(t) in LIVE else _plain(t), obj)
+
+
+def _plain(t):
+    return t.detach() if isinstance(t, torch.Tensor) else t
+
+
+def _nonzero(result) -> bool:
+    tensors = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+    return any(bool(t.detach().ne(0).any()) for t in tensors if t.numel())
+
+
+class _Mode(TorchFunctionMode):
+    """The interceptor: tags every result, rewrites nonlinear ops on live tensors, refuses unknown ones."""
+
+    def __init__(self, lin: OpLinearization):
+        super().__init__()
+        self.lin = lin
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        lin, name = self.lin, _name(func)
+        if not lin.stack or name in PASSTHROUGH:  # outside the model's forwards: engine code
+            result = func(*args, **kwargs)
+            if name in PASS and lin.tag(args[0] if args else None) in LIVE:
+                self._tag(result, lin.tag(args[0]))  # y = out[0, position] keeps its tag
+            return result
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        tags = [self._checked_tag(t, name) for t in tensors]
+        live = [t for t, tag in zip(tensors, tags) if tag in LIVE]
+        wide = self._float64(tensors, tags)
+        if wide and name in CASTS:
+            return self._keep_float64(func, args, kwargs)
+        if wide:
+            args, kwargs = self._upcast(args, kwargs)
+        if not live:  # constants and frozen values only: run untouched, whatever the op is
+            result = func(*args, **kwargs)
+            return self._tag(result, F if F in tags else C)
+        base = name[:-1] if name.endswith("_") and not name.endswith("__") else name
+        inplace = base != name or name in ("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__")
+        if name in CONSTRUCTORS:
+            return self._tag(func(*args, **kwargs), C)
+        if name in PASS or base in PASS:
+            return self._pass(func, args, kwargs, name)
+        if name in PRODUCTS:
+            return self._product(func, args, kwargs, name)
+        if name in ADDITIVE or base in ADDITIVE:
+            return self._additive(func, args, kwargs, name)
+        if name == "scaled_dot_product_attention":
+            return self._sdpa(func, args, kwargs)
+        if name in ("layer_norm", "rms_norm"):
+            return self._norm(func, args, kwargs, name)
+        if base in ACTIVATIONS or name in ACTIVATIONS:
+            if inplace:
+                self._refuse(name, "an in-place nonlinear op rewrites a live tensor that autograd has saved")
+            return self._activation(func, args, kwargs, base)
+        if name in FREEZING or base in FREEZING:
+            if inplace and lin.tag(args[0]) in LIVE:
+                self._refuse(name, "an in-place nonlinear op rewrites a live tensor that autograd has saved")
+            if name in ("softmax", "log_softmax", "_softmax") and wide and kwargs.get("dtype") is not None:
+                kwargs = {**kwargs, "dtype": torch.float64}
+            result = func(*args, **kwargs)
+            lin.frozen[name] += 1
+            return self._tag(tree_map(_plain, result), F)
+        result = func(*args, **kwargs)
+        if not [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]:
+            return result  # .item(), bool(), size(): a frozen decision or metadata
+        self._refuse(name, "it is not in lllm's op table")
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+
+    def _checked_tag(self, t: torch.Tensor, name: str) -> str:
+        tag = self.lin.tags.get(t)
+        if tag is None:
+            if t.requires_grad:  # depends on x, yet no op the mode saw produced it
+                self._refuse(name, "its input depends on x but was produced outside lllm's view (a custom autograd "
+                             "Function, a fused or compiled kernel, or a tensor captured from outside the forward)")
+            return C
+        return tag
+
+    def _tag(self, result, tag: str):
+        for t in tree_flatten(result)[0]:
+            if isinstance(t, torch.Tensor):
+                self.lin.tags[t] = tag
+        return result
+
+    def _refuse(self, name: str, why: str):
+        path = self.lin.stack[-1] if self.lin.stack else "<root>"
+        raise CoverageError(
+            f"op {name!r} in module {path or '<root>'!r} at {_caller()} sees a tensor that depends on the input "
+            f"embeddings, and {why}. lllm cannot prove the detached Jacobian exact there, so it refuses rather "
+            "than return a silently wrong number."
+        )
+
+    def _float64(self, tensors, tags) -> bool:
+        """True when an x-dependent input is float64: then nothing x-dependent is cast down."""
+        return any(t.dtype == torch.float64 for t, tag in zip(tensors, tags) if tag != C)
+
+    def _upcast(self, args, kwargs):
+        def up(t):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+                wide = t.to(torch.float64)
+                self.lin.tags[wide] = self.lin.tag(t)
+                return wide
+            return t
+        return tree_map(up, args), tree_map(up, kwargs)
+
+    def _keep_float64(self, func, args, kwargs):
+        """A cast of a float64 x-dependent tensor: refuse to narrow it, keep float64."""
+        source = args[0]
+        result = func(*args, **kwargs)
+        if isinstance(result, torch.Tensor) and result.is_floating_point() and result.dtype != torch.float64:
+            result = source
+        self.lin.tags[result] = self.lin.tag(source)
+        return result
+
+    # -- rules -----------------------------------------------------------------------------------
+
+    def _pass(self, func, args, kwargs, name):
+        lin = self.lin
+        source = args[0] if args else next(iter(kwargs.values()))
+        others = [t for t in tree_flatten((args[1:], kwargs))[0] if isinstance(t, torch.Tensor) and t is not source]
+        if name == "embedding":  # F.embedding(ids, weight): linear in the table, ids must be constant
+            source, others = args[1], [args[0]]
+        if name in CASTS or name.endswith("_as"):  # type_as(other), view_as(other): other gives only dtype/shape
+            others = []
+        if any(lin.tag(t) in LIVE for t in others):
+            self._refuse(name, "a live tensor reaches an argument in which the op is not linear")
+        if name == "dropout" and (kwargs.get("training", args[2] if len(args) > 2 else False)):
+            self._refuse(name, "dropout in training mode is random")
+        if name == "detach":
+            return self._tag(func(*args, **kwargs), F)
+        result = func(*args, **kwargs)
+        return self._tag(result, lin.tag(source))
+
+    def _product(self, func, args, kwargs, name):
+        lin = self.lin
+        args, kwargs = list(args), dict(kwargs)
+        if name == "einsum":  # einsum(eq, *operands) or einsum(eq, [operands])
+            nested = len(args) == 2 and isinstance(args[1], (list, tuple))
+            operands = list(args[1]) if nested else args[1:]
+            slots = [("e", i) for i in range(len(operands))]
+        else:
+            positions, keys = PRODUCTS[name]
+            slots = [("a", i) for i in positions if i < len(args)] + [("k", k) for k in keys if k in kwargs]
+        get = lambda slot: operands[slot[1]] if slot[0] == "e" else (args if slot[0] == "a" else kwargs)[slot[1]]
+
+        def freeze(slot):
+            store = operands if slot[0] == "e" else (args if slot[0] == "a" else kwargs)
+            store[slot[1]] = store[slot[1]].detach()
+
+        factors = [s for s in slots if lin.tag(get(s)) in LIVE]
+        tags = {s: lin.tag(get(s)) for s in factors}
+        if name in DIVISIONS and len(slots) > 1 and slots[1] in factors:  # a live denominator: a reciprocal
+            freeze(slots[1])
+            factors.remove(slots[1])
+            lin.frozen["reciprocal"] += 1
+        if len(factors) >= 2:
+            for kind in (N, A if lin.mlp_split == "activation" else L):
+                for s in [s for s in factors if tags[s] == kind]:
+                    if len(factors) < 2:
+                        break
+                    freeze(s)
+                    factors.remove(s)
+                    lin.splits[_split_name(kind, tags[factors[0]])] += 1
+        froze_live = len(tags) > len(factors)
+        if len(factors) >= 2:
+            tag = N  # two live factors: Q·Kᵀ
+        elif not factors:
+            tag = F
+        elif name not in ELEMENTWISE_PRODUCTS:
+            tag = L if tags[factors[0]] in (L, A) else tags[factors[0]]
+        else:  # h·g(h) with g frozen, such as x·tanh(x) written out: an activation's output
+            tag = A if froze_live and tags[factors[0]] in (L, A) else tags[factors[0]]
+        if name == "einsum":
+            args = [args[0], operands] if nested else [args[0], *operands]
+        if name in ("linear", "addmm", "baddbmm"):
+            return self._with_additive(func, args, kwargs, name, tag)
+        return self._tag(func(*args, **kwargs), tag)
+
+    def _with_additive(self, func, args, kwargs, name, product_tag):
+        """linear/addmm/baddbmm: a product plus an additive term (bias, or baddbmm's input)."""
+        lin = self.lin
+        index = 2 if name == "linear" else 0
+        extra = args[index] if len(args) > index else kwargs.get("bias" if name == "linear" else "input")
+        result = func(*args, **kwargs)
+        extra_tag = lin.tag(extra)
+        if N in (product_tag, extra_tag):
+            tag = N
+        elif extra_tag in (C, F) and extra is not None and _nonzero(extra):
+            tag = N if product_tag in (L, A) else F
+        elif extra_tag in (L, A) and product_tag == F:
+            tag = N  # an x-dependent product beside a bias: not homogeneous
+        else:
+            tag = L if (L in (product_tag, extra_tag) or A in (product_tag, extra_tag)) else product_tag
+        return self._tag(result, tag)
+
+    def _additive(self, func, args, kwargs, name):
+        lin = self.lin
+        if name == "where" and len(args) == 1:  # where(cond): the indices of a frozen decision
+            return self._tag(tree_map(_plain, func(*args, **kwargs)), F)
+        if name == "where" and lin.tag(args[0]) in LIVE:
+            args = (args[0].detach(), *args[1:])  # a live condition is a frozen decision
+        if name in ("masked_fill", "masked_fill_") and lin.tag(args[1]) in LIVE:
+            self._refuse(name, "the mask depends on x")
+        tags = {lin.tag(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inplace = name == "__setitem__" or name.startswith("__i") or (name.endswith("_") and not name.endswith("__"))
+        if N in tags:
+            tag = N
+        elif name in ("__setitem__", "copy_"):
+            tag = L  # an overwrite: the written value is live, the rest is checked where it is read
+        else:  # the constant part: the op with every live input replaced by zeros
+            plain = name[3:-2] if name.startswith("__i") else name[:-1]
+            outplace = getattr(torch, plain, None) if inplace else func
+            if outplace is None:
+                self._refuse(name, "lllm has no out-of-place form to check its constant part")
+            constant = outplace(*_zeros_for_live(lin, args), **_zeros_for_live(lin, kwargs))
+            tag = N if _nonzero(constant) else L
+        result = func(*args, **kwargs)
+        if inplace:
+            target = args[0]
+            keeps_rest = name == "__setitem__" and lin.tag(target) == N  # the unwritten part stays non-linear
+            self._retag_inplace(target, N if keeps_rest else tag)
+            return result
+        return self._tag(result, tag)
+
+    def _retag_inplace(self, target: torch.Tensor, tag: str):
+        """An in-place write changed `target` (and the tensor it views)."""
+        while target is not None:
+            self.lin.tags[target] = tag
+            target = target._base
+
+    def _activation(self, func, args, kwargs, name):
+        lin = self.lin
+        h = args[0]
+        if name in ("pow", "__pow__"):
+            exponent = args[1] if len(args) > 1 else kwargs.get("exponent")
+            if isinstance(exponent, torch.Tensor) or exponent < 1:
+                lin.frozen[name] += 1
+                return self._tag(func(*args, **kwargs).detach(), F)
+        if name in ("clamp", "clip", "hardtanh", "threshold") and not _keeps_zero(name, args, kwargs):
+            lin.frozen[name] += 1
+            return self._tag(func(*args, **kwargs).detach(), F)
+        if any(lin.tag(t) in LIVE for t in tree_flatten((args[1:], kwargs))[0] if isinstance(t, torch.Tensor)):
+            self._refuse(name, "a live tensor reaches a parameter of the activation")
+        value = func(*args, **kwargs)
+        if lin.tag(h) == N:
+            return self._tag(value, N)
+        lin.frozen[name] += 1
+        return self._tag(_surrogate(value, h * _factor(name, h.detach(), value.detach(), kwargs)), A)
+
+    def _norm(self, func, args, kwargs, name):
+        """Fused LayerNorm/RMSNorm: mean subtraction live, 1/std frozen."""
+        lin = self.lin
+        h, shape = args[0], args[1]
+        weight = args[2] if len(args) > 2 else kwargs.get("weight")
+        bias = (args[3] if len(args) > 3 else kwargs.get("bias")) if name == "layer_norm" else None
+        eps = args[-1] if len(args) > (4 if name == "layer_norm" else 3) else kwargs.get("eps")
+        if any(lin.tag(t) in LIVE for t in (weight,) if t is not None):
+            self._refuse(name, "the norm's weight depends on x")
+        value = func(*args, **kwargs)
+        if lin.tag(h) == N or lin.tag(bias) == N:
+            return self._tag(value, N)
+        dims = tuple(range(-len(shape), 0))
+        hd = h.detach()
+        if name == "layer_norm":
+            eps = 1e-5 if eps is None else eps
+            inv = torch.rsqrt(hd.var(dims, unbiased=False, keepdim=True) + eps)
+            live = (h - h.mean(dims, keepdim=True)) * inv
+        else:
+            eps = torch.finfo(h.dtype).eps if eps is None else eps
+            live = h * torch.rsqrt(hd.pow(2).mean(dims, keepdim=True) + eps)
+        live = live if weight is None else live * weight.detach()
+        tag = L
+        if bias is not None:
+            if lin.tag(bias) in (L, A):
+                live = live + bias
+            elif _nonzero(bias):
+                tag = N
+        lin.frozen[name] += 1
+        return self._tag(_surrogate(value, live), tag)
+
+    def _sdpa(self, func, args, kwargs):
+        """scaled_dot_product_attention: P = softmax(QKᵀ·scale + mask) frozen, V live."""
+        lin = self.lin
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        bound = {**dict(zip(names, args)), **kwargs}
+        if bound.get("dropout_p", 0.0):
+            self._refuse("scaled_dot_product_attention", "attention dropout is random")
+        q, k, v = (bound[n].detach() if n != "value" else bound[n] for n in ("query", "key", "value"))
+        mask = bound.get("attn_mask")
+        if mask is not None and lin.tag(mask) in LIVE:
+            self._refuse("scaled_dot_product_attention", "the attention mask depends on x")
+        value = func(*args, **kwargs)
+        v_tag = lin.tag(v)
+        if v_tag == N:
+            return self._tag(value, N)
+        scale = bound.get("scale") or 1.0 / math.sqrt(q.shape[-1])
+        if k.shape[-3] != q.shape[-3]:  # grouped-query attention: each kv head serves several q heads
+            groups = q.shape[-3] // k.shape[-3]
+            k, v = k.repeat_interleave(groups, -3), v.repeat_interleave(groups, -3)
+        scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+        if bound.get("is_causal"):
+            causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = torch.softmax(scores, dim=-1).detach()
+        lin.frozen["scaled_dot_product_attention"] += 1
+        return self._tag(_surrogate(value, probs.to(v.dtype) @ v), L if v_tag in (L, A) else F)
+
+
+def _split_name(frozen_kind: str, other: str) -> str:
+    """Name the split a product took: eq. 8 freezes the activation output, 'gate' the other branch."""
+    if frozen_kind == A and other == L:
+        return "activation frozen (paper eq. 8)"
+    if frozen_kind == L and other == A:
+        return "gate live (mlp_split='gate')"
+    if frozen_kind == N and other == A:
+        return "non-linear factor frozen, activation live"
+    return {N: "non-linear factor frozen", A: "activation frozen", L: "linear factor frozen"}[frozen_kind]
+
+
+def _keeps_zero(name: str, args, kwargs) -> bool:
+    """clamp/hardtanh/threshold keep f(0) = 0 only when 0 lies inside the kept range."""
+    if name == "threshold":
+        return (args[2] if len(args) > 2 else kwargs.get("value", 0)) == 0 or (args[1] if len(args) > 1 else 0) >= 0
+    lo = args[1] if len(args) > 1 else kwargs.get("min", kwargs.get("min_val", -1.0 if name == "hardtanh" else None))
+    hi = args[2] if len(args) > 2 else kwargs.get("max", kwargs.get("max_val", 1.0 if name == "hardtanh" else None))
+    if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
+        return False
+    return (lo is None or lo <= 0) and (hi is None or hi >= 0)
+
+
+def _factor(name: str, h: torch.Tensor, value: torch.Tensor, kwargs) -> torch.Tensor:
+    """g(h) with f(h) = h·g(h): explicit formulas where they exist, else where(h ≠ 0, f(h)/h, f'(0))."""
+    if name == "silu":
+        return torch.sigmoid(h)
+    if name == "gelu" and kwargs.get("approximate", "none") == "none":
+        return 0.5 * (1.0 + torch.erf(h / math.sqrt(2.0)))
+    if name == "gelu":
+        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h.pow(3))))
+    if name == "relu":
+        return (h > 0).to(h.dtype)
+    return torch.where(h != 0, value / torch.where(h != 0, h, 1), SLOPE_AT_ZERO.get(name, 0.0)).to(h.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The context: hooks that keep the module stack and tag the live inputs, the mode, and the audit.
+# ---------------------------------------------------------------------------------------------
+
+
+def additive_parameters(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """(module, attribute, dotted name) of every additive parameter: biases and non-token embedding tables."""
+    token_table = model.get_input_embeddings().weight
+    found = []
+    for path, module in model.named_modules():
+        for attr, p in module.named_parameters(recurse=False):
+            if attr == "bias" or attr.endswith("_bias") and "correction" not in attr:
+                found.append((module, attr, f"{path}.{attr}" if path else attr))
+            elif isinstance(module, nn.Embedding) and attr == "weight" and p is not token_table:
+                found.append((module, attr, f"{path}.{attr}" if path else attr))
+    return found
+
+
+def audit_modules(model: nn.Module) -> None:
+    """Refuse what the mode cannot see: training mode, TorchScript, torch.compile."""
+    if type(model).__name__ == "OptimizedModule":
+        raise UnsupportedModelError("the model is wrapped by torch.compile; pass the original module (model._orig_mod)")
+    for path, module in model.named_modules():
+        if module.training:
+            raise UnsupportedModelError(
+                f"module {path or '<root>'!r} ({type(module).__name__}) is in training mode (dropout and other training-only paths are random "
+                "or differ from inference), so the Jacobian would not be that of the model in use; call model.eval() first"
+            )
+        if isinstance(module, torch.jit.ScriptModule):
+            raise UnsupportedModelError(f"module {path!r} is TorchScript, whose ops lllm cannot see; use eager modules")
+
+
+class _ForwardContext:
+    """The `ctx` a custom Function's forward gets when lllm runs it decomposed: autograd sees its ops."""
+
+    needs_input_grad = ()
+
+    def __getattr__(self, name):  # save_for_backward, mark_dirty, set_materialize_grads, ...
+        return lambda *args, **kwargs: None
+
+
+@contextmanager
+def _decomposed_autograd_functions(lin: OpLinearization):
+    """Run custom autograd Functions op by op under the mode when they see a live tensor: their own
+    backward would give the ordinary derivative, not the detached one."""
+    saved = torch.autograd.Function.__dict__["apply"]
+    original = saved.__func__
+
+    def apply(cls, *args, **kwargs):
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if not (lin.stack and any(lin.tag(t) in LIVE for t in tensors)):
+            return original(cls, *args, **kwargs)
+        if torch.autograd.function._is_setup_context_defined(cls.setup_context):
+            return cls.forward(*args, **kwargs)
+        return cls.forward(_ForwardContext(), *args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = saved
+
+
+@contextmanager
+def linearized(model: nn.Module, *, mlp_split: str = "activation") -> Iterator[OpLinearization]:
+    """Make `model` locally linear in its input embeddings at the op level until exit; restore it after."""
+    if mlp_split not in MLP_SPLITS:
+        raise ValueError(f"mlp_split must be one of {MLP_SPLITS}, got {mlp_split!r}")
+    if getattr(model, "_lllm_detached", False):
+        raise UnsupportedModelError("model is already inside an lllm linearization; nesting is not supported")
+    audit_modules(model)
+    lin = OpLinearization(model=model, mlp_split=mlp_split, additive=additive_parameters(model))
+    paths = {module: path for path, module in model.named_modules()}
+    handles, grads = [], [(p, p.requires_grad) for p in model.parameters()]
+
+    def pre(module, args, kwargs):
+        if not lin.stack:  # the outermost forward: tag its live inputs and the additive parameters
+            for m, attr, _ in lin.additive:
+                lin.tags[getattr(m, attr)] = L
+            embeds = kwargs.get("inputs_embeds")
+            for t in tree_flatten((args, kwargs))[0]:
+                if isinstance(t, torch.Tensor) and (t is embeds or t.requires_grad):
+                    lin.tags[t] = L
+        lin.stack.append(paths.get(module, "?"))
+
+    def post(module, args, kwargs, output):
+        if lin.stack:
+            lin.stack.pop()
+
+    for module in paths:
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+        handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
+    model._lllm_detached = True
+    try:
+        for p, _ in grads:
+            p.requires_grad_(False)
+        with _decomposed_autograd_functions(lin), _Mode(lin):
+            yield lin
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        model.__dict__.pop("_lllm_detached", None)

@@ -1,0 +1,300 @@
+"""The op-level linearization on every tested architecture, its audit, and the cases it must refuse."""
+
+import math
+
+import pytest
+import torch
+import transformers as T
+
+import lllm
+from lllm import oplevel
+from lllm.jacobian import final_hidden
+from lllm.oplevel import linearized
+from tiny import ARCHITECTURES, COMMON, IdsTokenizer, randomize, tiny_architecture, tiny_model
+
+PROMPT = "1 5 9 17 33 41 60 77 80 12"  # 10 tokens: longer than the sliding windows of 4
+IDS = [int(t) for t in PROMPT.split()]
+TOK = IdsTokenizer()
+MAX_ERROR = {torch.float32: 5e-6, torch.float64: 1e-12}
+
+
+def lm_head_reads(model, ids=IDS) -> torch.Tensor:
+    """What the output embedding really reads at the last position, in the model's own forward on token ids."""
+    read = {}
+    handle = model.get_output_embeddings().register_forward_pre_hook(lambda m, args: read.setdefault("y", args[0]))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids]), use_cache=False)
+    finally:
+        handle.remove()
+    return read["y"][0, -1]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_architecture_is_exact_bitwise_and_restored(arch):
+    model = tiny_architecture(arch, torch.float32)
+    x = lllm.embed(model, IDS)
+    with torch.no_grad():
+        reference = model(inputs_embeds=x[None], use_cache=False).logits
+    ordinary = lllm.ordinary_jacobian(model, TOK, PROMPT, progress=False)
+    assert ordinary.relative_error >= 1e-2  # (c) the ordinary Jacobian does not reconstruct y
+    # (a) the float32 forward with live inputs, every rewrite active, is bit-for-bit the model's own
+    with linearized(model) as lin:
+        live = x.clone().requires_grad_(True)
+        logits = model(inputs_embeds=live[None], use_cache=False).logits
+        assert lin.frozen, "the rewrites did not run"
+    assert torch.equal(logits.detach(), reference)
+    # (b) exact, with c from a JVP over the additive parameters
+    result = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+    assert result.relative_error <= MAX_ERROR[torch.float32]
+    # (e) y is what lm_head reads in the model's own forward on the token ids
+    assert torch.equal(result.output, lm_head_reads(model))
+    # (d) after exit the model is ordinary again: same Jacobian, no hooks, autograd.Function restored
+    assert torch.equal(lllm.ordinary_jacobian(model, TOK, PROMPT, progress=False).jacobian, ordinary.jacobian)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert "apply" in torch.autograd.Function.__dict__ and not getattr(model, "_lllm_detached", False)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_architecture_is_exact_in_float64_with_an_independent_bias_term(arch):
+    model = tiny_architecture(arch, torch.float64)
+    result = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+    assert result.jacobian.dtype == torch.float64
+    assert result.relative_error <= MAX_ERROR[torch.float64]
+    has_additive = bool(oplevel.additive_parameters(model))
+    assert (result.bias is not None) == has_additive
+    if has_additive:  # c matters: without it the reconstruction fails
+        linear_part = torch.einsum("otd,td->o", result.jacobian, result.inputs)
+        assert lllm.relative_error(result.output, linear_part) > 1e-6
+    assert lllm.ordinary_jacobian(model, TOK, PROMPT, progress=False).relative_error >= 1e-2
+
+
+def test_gated_mlp_split_is_reported_and_the_other_split_is_exact_too():
+    model = tiny_architecture("llama", torch.float64)
+    eq8 = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+    gate = lllm.detached_jacobian(model, TOK, PROMPT, progress=False, mlp_split="gate")
+    assert "paper eq. 8" in eq8.meta["linearization"]["split"]
+    assert "gate live" in gate.meta["linearization"]["split"]
+    assert gate.relative_error <= 1e-12 and torch.equal(gate.output, eq8.output)
+    assert (gate.jacobian - eq8.jacobian).norm() > 1e-3 * eq8.jacobian.norm()
+    oss = lllm.detached_jacobian(tiny_architecture("gpt_oss", torch.float64), TOK, PROMPT, progress=False)
+    assert "non-linear factor frozen, activation live" in oss.meta["linearization"]["split"]  # (up + 1)·glu
+
+
+def test_op_level_equals_the_adapter_path_in_float32():
+    """For the adapter families, the op-level J⁺ equals the class-name adapter's (same frozen factors)."""
+    for family in ("llama", "qwen2", "gemma3", "phi3"):
+        model = tiny_model(family, torch.float32)
+        result = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+        x = result.inputs.clone().requires_grad_(True)
+        with lllm.detached(model):
+            y = model.get_decoder()(inputs_embeds=x[None], use_cache=False).last_hidden_state[0, -1]
+            jac = torch.stack([torch.autograd.grad(y[i], x, retain_graph=True)[0] for i in range(y.shape[0])])
+        assert torch.equal(y.detach(), result.output), family
+        # the same frozen factors through another autograd graph: equal up to float32 summation order
+        assert ((result.jacobian - jac).norm() / jac.norm()).item() <= 1e-6, family
+
+
+def _llama_float64_reference(model, x: torch.Tensor) -> torch.Tensor:
+    """J⁺ of a tiny Llama computed independently in float64: explicit detached softmax, rsqrt and SiLU, no
+    transformers forward (only its weights and its position-only rotary tables, which are constants)."""
+    cfg, decoder = model.config, model.get_decoder()
+    n_tokens, heads, kv, hs = x.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    positions = torch.arange(n_tokens)[None]
+    cos, sin = (t[0].to(torch.float64) for t in decoder.rotary_emb(x[None], positions))  # (T, hs) constants
+
+    def norm(h, w, eps):  # (T, d)
+        return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps).detach())
+
+    def rope(t):  # (H, T, hs)
+        half = t.shape[-1] // 2
+        return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
+
+    def forward(h):  # (T, d) -> (d,)
+        mask = torch.full((n_tokens, n_tokens), -math.inf, dtype=torch.float64).triu(1)
+        for layer in decoder.layers:
+            a = norm(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+            att = layer.self_attn
+            q = rope((a @ att.q_proj.weight.T).view(n_tokens, heads, hs).transpose(0, 1))
+            k = rope((a @ att.k_proj.weight.T).view(n_tokens, kv, hs).transpose(0, 1)).repeat_interleave(heads // kv, 0)
+            v = (a @ att.v_proj.weight.T).view(n_tokens, kv, hs).transpose(0, 1).repeat_interleave(heads // kv, 0)
+            p = torch.softmax(q @ k.transpose(1, 2) * hs**-0.5 + mask, -1).detach()  # float64 softmax
+            h = h + (p @ v).transpose(0, 1).reshape(n_tokens, -1) @ att.o_proj.weight.T
+            m = norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+            mlp = layer.mlp
+            gate = m @ mlp.gate_proj.weight.T
+            h = h + (torch.nn.functional.silu(gate).detach() * (m @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+        return norm(h, decoder.norm.weight, decoder.norm.variance_epsilon)[-1]
+
+    return torch.autograd.functional.jacobian(forward, x)  # (d, T, d)
+
+
+def test_float64_jacobian_agrees_with_an_independent_float64_computation():
+    model = tiny_architecture("llama", torch.float64)
+    result = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+    reference = _llama_float64_reference(model, result.inputs)
+    assert ((result.jacobian - reference).norm() / reference.norm()).item() <= 1e-12
+
+
+def test_sdpa_is_exact_and_equals_eager():
+    for dtype in (torch.float32, torch.float64):
+        eager = lllm.detached_jacobian(tiny_architecture("llama", dtype), TOK, PROMPT, progress=False)
+        sdpa_model = tiny_architecture("llama", dtype, attn_implementation="sdpa")
+        sdpa = lllm.detached_jacobian(sdpa_model, TOK, PROMPT, progress=False)
+        assert sdpa.relative_error <= MAX_ERROR[dtype]
+        assert sdpa.meta["linearization"]["frozen_ops"].get("scaled_dot_product_attention")
+        torch.testing.assert_close(sdpa.jacobian, eager.jacobian, rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                                   atol=1e-6 if dtype == torch.float32 else 1e-13)
+
+
+def _tiny_gemma3_conditional_generation(dtype):
+    text = T.Gemma3TextConfig(**{**COMMON, "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"],
+                                 "attn_logit_softcapping": 20.0, "query_pre_attn_scalar": 8})
+    vision = T.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=16, patch_size=4)
+    config = T.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                            image_token_index=95, boi_token_index=93, eoi_token_index=94)
+    for sub in (config, config.text_config, config.vision_config):
+        sub._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = T.Gemma3ForConditionalGeneration(config).to(dtype).eval()
+    return randomize(model, gemma_norms=True).requires_grad_(False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_multimodal_wrapper_with_text_input_is_exact(dtype):
+    model = _tiny_gemma3_conditional_generation(dtype)
+    result = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+    assert result.relative_error <= MAX_ERROR[dtype]
+    assert result.jacobian.shape == (32, 10, 32)
+    if dtype == torch.float32:
+        assert torch.equal(result.output, lm_head_reads(model))
+
+
+# -- the cases that were silently wrong under the class-name adapters ---------------------------------------------
+
+
+def _exact_and_repeatable(model):
+    """Exact: the output is what lm_head reads, J⁺ rebuilds it, and two calls agree."""
+    first = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+    second = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+    assert torch.equal(first.output, lm_head_reads(model))
+    assert first.relative_error <= MAX_ERROR[torch.float32]
+    assert torch.equal(first.jacobian, second.jacobian)
+    return first
+
+
+def test_users_own_mlp_forward_with_a_sine_gate_is_linearized_as_it_runs():
+    model = tiny_architecture("llama")
+    mlp = model.model.layers[0].mlp
+    mlp.forward = lambda x: mlp.down_proj(torch.sin(mlp.gate_proj(x)) * mlp.up_proj(x))
+    result = _exact_and_repeatable(model)
+    assert result.meta["linearization"]["frozen_ops"]["sin"] >= 1
+    with pytest.raises(lllm.CoverageError, match="forward"):  # the class-name adapter would have replaced it
+        with lllm.detached(model):
+            pass
+
+
+def test_attention_submodule_left_in_training_mode_is_refused():
+    model = tiny_architecture("llama")
+    model.model.layers[1].self_attn.train()
+    with pytest.raises(lllm.UnsupportedModelError, match="model.layers.1.self_attn.*training"):
+        lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+    with pytest.raises(lllm.UnsupportedModelError, match="training"):
+        with lllm.detached(model):
+            pass
+
+
+def test_in_place_tanh_in_a_users_mlp_is_refused_at_its_line():
+    model = tiny_architecture("llama")
+    mlp = model.model.layers[0].mlp
+
+    def forward(x):
+        hidden = mlp.gate_proj(x)
+        hidden.tanh_()  # in place on a live tensor
+        return mlp.down_proj(hidden * mlp.up_proj(x))
+
+    mlp.forward = forward
+    with pytest.raises(lllm.CoverageError, match=r"'tanh_'.*model.layers.0.mlp.*test_oplevel.py:\d+"):
+        lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+
+
+class _CubeGate(torch.autograd.Function):
+    """A custom activation with its own (ordinary) backward: x·tanh(x)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (torch.tanh(x) + x * (1 - torch.tanh(x) ** 2))
+
+
+class _Activation(torch.nn.Module):
+    """A user's activation module wrapping any function."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def test_custom_autograd_function_activation_is_decomposed_and_exact():
+    model = tiny_architecture("llama")
+    mlp = model.model.layers[0].mlp
+    mlp.act_fn = _Activation(_CubeGate.apply).eval()
+    _exact_and_repeatable(model)
+    assert torch.autograd.Function.__dict__["apply"].__func__ is not None  # restored
+
+
+def test_forward_hook_applying_tanh_to_a_layer_output_is_linearized():
+    model = tiny_architecture("llama")
+    handle = model.model.layers[0].register_forward_hook(lambda m, a, out: torch.tanh(out))
+    try:
+        result = _exact_and_repeatable(model)
+        assert result.meta["linearization"]["frozen_ops"]["tanh"] >= 1
+        with pytest.raises(lllm.CoverageError, match="hook"):  # the adapter path refuses what it cannot see
+            with lllm.detached(model):
+                pass
+    finally:
+        handle.remove()
+
+
+# -- negative controls: the audit must catch a wrong op table -----------------------------------------------------
+
+
+def test_removing_softmax_from_the_op_table_raises_at_the_modeling_line(monkeypatch):
+    monkeypatch.setattr(oplevel, "FREEZING", oplevel.FREEZING - {"softmax"})
+    with pytest.raises(lllm.CoverageError, match=r"'softmax'.*self_attn.*modeling_llama\.py:\d+"):
+        lllm.detached_jacobian(tiny_architecture("llama"), TOK, PROMPT, progress=False)
+
+
+def test_declaring_gelu_linear_is_caught_by_the_self_check(monkeypatch):
+    monkeypatch.setattr(oplevel, "ACTIVATIONS", oplevel.ACTIVATIONS - {"gelu"})
+    monkeypatch.setattr(oplevel, "PASS", oplevel.PASS | {"gelu"})
+    with pytest.raises(lllm.LinearizationError, match="reconstructs it only"):
+        lllm.detached_jacobian(tiny_architecture("gpt_neox"), TOK, PROMPT, progress=False)
+
+
+def test_an_unknown_op_on_a_live_tensor_is_refused():
+    model = tiny_architecture("llama")
+    mlp = model.model.layers[0].mlp
+    mlp.act_fn = _Activation(torch.special.i0).eval()  # no entry in the op table
+    with pytest.raises(lllm.CoverageError, match="'(special_)?i0'.*not in lllm's op table"):
+        lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+
+
+def test_an_additive_constant_that_is_not_a_bias_is_refused():
+    model = tiny_architecture("llama")
+    layer = model.model.layers[0]
+    handle = layer.register_forward_hook(lambda m, a, out: out + 0.5)  # x + const: affine, but not declared
+    try:
+        with pytest.raises(lllm.CoverageError, match="tagged 'N'"):
+            lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+    finally:
+        handle.remove()
