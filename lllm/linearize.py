@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import CoverageError, UnsupportedModelError
 from .families import GATE_ACTIVATIONS, LINEAR_MODULES, Family, family_of
@@ -241,6 +243,26 @@ def _attention_forward(self: nn.Module, *args, lin: Linearization, key: str, sty
     return self.o_proj(out), None
 
 
+class _Float64Policy(TorchFunctionMode):
+    """float64 means float64, as on the op-level path: transformers casts softmax, norms and rotary tables to
+    float32; here no float64 tensor is cast down, softmax keeps float64, and lower floats meeting one are cast up."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if not any(t.dtype == torch.float64 for t in tensors):
+            return func(*args, **kwargs)
+        if name in ("softmax", "log_softmax") and kwargs.get("dtype") is not None:
+            kwargs = {**kwargs, "dtype": torch.float64}
+        if name in ("to", "type", "type_as", "float", "half", "bfloat16") and args[0].dtype == torch.float64:
+            result = func(*args, **kwargs)
+            narrowed = isinstance(result, torch.Tensor) and result.is_floating_point() and result.dtype != torch.float64
+            return args[0] if narrowed else result
+        up = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+        return func(*tree_map(up, args), **tree_map(up, kwargs))
+
+
 @contextmanager
 def detached(model: nn.Module, *, mlp_split: str = "activation", record: bool = False) -> Iterator[Linearization]:
     """Make `model` locally linear in its input embeddings until exit; restore it exactly after.
@@ -272,7 +294,9 @@ def detached(model: nn.Module, *, mlp_split: str = "activation", record: bool = 
             extra = {"original": module.forward} if patch is _attention_forward else {}
             module.forward = types.MethodType(_bind(patch, lin=lin, key=path, style=style, **extra), module)
         model._lllm_detached = True
-        yield lin
+        float64 = next(model.parameters()).dtype == torch.float64
+        with _Float64Policy() if float64 else nullcontext():  # as the op-level path
+            yield lin
     finally:
         for handle in hooks:
             handle.remove()

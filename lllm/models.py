@@ -352,6 +352,8 @@ def load(
         if dense is not None:
             _write_dense_copy(model, tokenizer, dense)
     model.eval()
+    if getattr(model.config, "_experts_implementation", "eager") != "eager":
+        model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel; eager runs ops lllm can see
     for p in model.parameters():
         p.requires_grad_(False)
     # transformers may leave some GGUF tensors in another dtype; the float64 reconstruction needs all of them.

@@ -222,6 +222,8 @@ class _Mode(TorchFunctionMode):
         tags = [self._checked_tag(t, name) for t in tensors]
         live = [t for t, tag in zip(tensors, tags) if tag in LIVE]
         wide = self._float64(tensors, tags)
+        if name in CASTS and args and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64:
+            wide = True  # a float64 weight cast down (Gemma's weight.float()) would round what meets x
         if wide and name in CASTS:
             return self._keep_float64(func, args, kwargs)
         if wide:

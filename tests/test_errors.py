@@ -16,34 +16,36 @@ class Tanh(nn.Module):
         return torch.tanh(x)
 
 
-def test_injected_unknown_nonlinear_module_is_refused_by_name():
+def test_injected_unknown_nonlinear_module_is_refused_by_name_by_the_adapters_and_linearized_at_the_op_level():
     model = tiny_model("llama")
-    model.model.layers[1].mlp.act_fn = Tanh()  # still named act_fn, but not a known gate activation
+    model.model.layers[1].mlp.act_fn = Tanh().eval()  # still named act_fn, but not a known gate activation
     with pytest.raises(CoverageError, match=r"model\.layers\.1\.mlp\.act_fn.*Tanh"):
-        lllm.detached_jacobian(model, TOK, "1 2 3", progress=False)
+        lllm.cumulative_jacobians(model, TOK, "1 2 3", progress=False)
+    result = lllm.detached_jacobian(model, TOK, "1 2 3", progress=False)  # the op level sees tanh: h·g(h)
+    assert result.relative_error <= 5e-6 and result.meta["linearization"]["frozen_ops"]["tanh"] >= 1
 
 
 def test_unknown_module_anywhere_is_refused():
     model = tiny_model("mistral")
-    model.model.layers[0].extra = nn.Sequential(nn.Linear(4, 4), nn.GELU())
+    model.model.layers[0].extra = nn.Sequential(nn.Linear(4, 4), nn.GELU()).eval()
     with pytest.raises(CoverageError, match=r"model\.layers\.0\.extra"):
         with lllm.detached(model):
             pass
 
 
 @pytest.mark.parametrize("impl", ["sdpa"])
-def test_non_eager_attention_is_refused(impl):
+def test_non_eager_attention_is_refused_by_the_adapters(impl):
     model = tiny_model("llama", attn_implementation=impl)
     with pytest.raises(UnsupportedModelError, match="eager"):
-        lllm.detached_jacobian(model, TOK, "1 2 3", progress=False)
+        lllm.cumulative_jacobians(model, TOK, "1 2 3", progress=False)
 
 
-def test_unsupported_architecture_is_refused():
+def test_architecture_without_an_adapter_is_refused_by_the_layer_readouts():
     import transformers as T
 
     config = T.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, attn_implementation="eager")
     with pytest.raises(UnsupportedModelError, match="gpt2"):
-        lllm.detached_jacobian(T.GPT2LMHeadModel(config).eval(), TOK, "1 2 3", progress=False)
+        lllm.cumulative_jacobians(T.GPT2LMHeadModel(config).eval(), TOK, "1 2 3", progress=False)
 
 
 def test_training_mode_is_refused():
@@ -89,7 +91,7 @@ def test_self_check_catches_a_nonlinearity_that_escapes_the_patches(monkeypatch)
 
     monkeypatch.setattr(linearize, "_mlp_forward", leaky_mlp)
     with pytest.raises(LinearizationError, match="not frozen"):
-        lllm.detached_jacobian(tiny_model("llama", torch.float64), TOK, "1 2 3 4", progress=False)
+        lllm.cumulative_jacobians(tiny_model("llama", torch.float64), TOK, "1 2 3 4", progress=False)
 
 
 def test_nested_detached_is_refused():

@@ -97,11 +97,13 @@ def test_op_level_equals_the_adapter_path_in_float32():
 
 def _llama_float64_reference(model, x: torch.Tensor) -> torch.Tensor:
     """J⁺ of a tiny Llama computed independently in float64: explicit detached softmax, rsqrt and SiLU, no
-    transformers forward (only its weights and its position-only rotary tables, which are constants)."""
+    transformers forward (only its weights and the rotary inverse frequencies)."""
     cfg, decoder = model.config, model.get_decoder()
     n_tokens, heads, kv, hs = x.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    positions = torch.arange(n_tokens)[None]
-    cos, sin = (t[0].to(torch.float64) for t in decoder.rotary_emb(x[None], positions))  # (T, hs) constants
+    rotary = decoder.rotary_emb  # its inverse frequencies (llama3 scaling applied at init), in float64
+    angles = torch.arange(n_tokens, dtype=torch.float64)[:, None] * rotary.inv_freq.to(torch.float64)[None]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()  # (T, hs)
+    cos, sin = cos * rotary.attention_scaling, sin * rotary.attention_scaling
 
     def norm(h, w, eps):  # (T, d)
         return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps).detach())
