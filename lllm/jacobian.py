@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .errors import LinearizationError, MemoryBudgetError, PromptError
+from .errors import LinearizationError, LLLMError, MemoryBudgetError, PromptError, UnsupportedModelError
 from .oplevel import additive_parameters, linearized
 
 # Largest reconstruction error that a complete linearization can show, by dtype; above it a
@@ -105,11 +105,12 @@ def final_hidden(model: nn.Module, x: torch.Tensor, position: int = -1, paramete
     """y: (d,) what the output embedding (lm_head) reads at `position`, from a forward of the whole model
     on input embeddings x: (T, d), with `parameters` swapped in by name if given. Hooks, a user's own
     forwards and multimodal wrappers are all on the path; the logits are never computed."""
-    kwargs = {"inputs_embeds": x[None], "use_cache": False}
+    kwargs = {"inputs_embeds": x[None].clone(), "use_cache": False}  # a copy: some models write into it
     forward = (lambda: model(**kwargs)) if parameters is None else (lambda: functional_call(model, parameters, (), kwargs))
     head = model.get_output_embeddings()
-    if head is None:  # a bare decoder: its last hidden state is what a head would read
-        return forward().last_hidden_state[0, position]
+    if head is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no output embedding (get_output_embeddings() is None); "
+                                    "lllm reads y where the output embedding reads it")
     read = {}
 
     def grab(module, args, kwargs):
@@ -165,9 +166,9 @@ def jvp_reconstruction(model: nn.Module, x: torch.Tensor, position: int = -1, *,
 def estimate_jacobian_bytes(model: nn.Module, n_tokens: int, chunk_size: int, dtype: torch.dtype) -> int:
     """A conservative peak-memory estimate (bytes) of one batched reverse-mode Jacobian."""
     cfg = text_config(model)
-    d, layers = cfg.hidden_size, cfg.num_hidden_layers
-    inter = getattr(cfg, "intermediate_size", 4 * d)
-    heads = cfg.num_attention_heads
+    d, layers = cfg.hidden_size, getattr(cfg, "num_hidden_layers", 1)
+    inter = getattr(cfg, "intermediate_size", None) or 4 * d
+    heads = getattr(cfg, "num_attention_heads", None) or 1
     item = torch.finfo(dtype).bits // 8
     per_token = 16 * d + 6 * inter + 4 * heads * n_tokens  # saved activations of one layer, one token
     forward = layers * n_tokens * per_token * item  # the graph kept for every chunk
@@ -235,7 +236,7 @@ def detached_jacobian(
     bias, meta = None, {}
     if detach:
         with linearized(model, mlp_split=mlp_split) as lin:
-            y = final_hidden(model, x, position)
+            y = _linearized_forward(model, x, position)
             lin.check_linear(y, "the output embedding y")
             jac = reverse_jacobian(y, x, chunk_size, progress, "J⁺ rows")
             bias = bias_term(model, x0, position)
@@ -251,6 +252,19 @@ def detached_jacobian(
     if detach:
         _self_check(result.relative_error, x0.dtype, "the final output embedding")
     return result
+
+
+def _linearized_forward(model: nn.Module, x: torch.Tensor, position: int) -> torch.Tensor:
+    """final_hidden under the op-level linearization; a model that cannot run there is refused, not a traceback."""
+    try:
+        return final_hidden(model, x, position)
+    except LLLMError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the modeling code failed on what the mode returned it
+        raise UnsupportedModelError(
+            f"the forward of {type(model).__name__} failed under lllm's op-level linearization "
+            f"({type(error).__name__}: {error}); lllm cannot give its detached Jacobian"
+        ) from error
 
 
 def ordinary_jacobian(model: nn.Module, tokenizer, prompt_or_ids, **kw) -> JacobianResult:

@@ -548,9 +548,12 @@ def _factor(name: str, h: torch.Tensor, value: torch.Tensor, kwargs) -> torch.Te
 def additive_parameters(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
     """(module, attribute, dotted name) of every additive parameter: biases and non-token embedding tables."""
     token_table = model.get_input_embeddings().weight
-    found = []
+    found, seen = [], set()
     for path, module in model.named_modules():
         for attr, p in module.named_parameters(recurse=False):
+            if id(p) in seen:  # a tied parameter (lm_head.bias is lm_head.decoder.bias) is one parameter
+                continue
+            seen.add(id(p))
             if attr == "bias" or attr.endswith("_bias") and "correction" not in attr:
                 found.append((module, attr, f"{path}.{attr}" if path else attr))
             elif isinstance(module, nn.Embedding) and attr == "weight" and p is not token_table:
