@@ -6,7 +6,8 @@ For each class, a tiny config is made from its config class by shrinking the usu
 whose config will not build that way are listed as "not built" (no verdict). Each built model is run
 through `lllm.detached_jacobian` in float64 and float32 (eager attention and experts, random weights):
 
-- exact:   J⁺ reconstructs y (≤ 1e-12 fp64, ≤ 5e-6 fp32), y is what lm_head reads, the ordinary J does not;
+- exact:   J⁺ reconstructs y (≤ 1e-12 fp64, ≤ 5e-6 fp32), the fp32 forward is bitwise unchanged, y is what
+           lm_head reads, the ordinary J does not (lllm.zoo.check_architecture, as the tests);
 - refused: an `LLLMError` (the op, module and modeling line it names are recorded);
 - WRONG:   anything else that returned a number: the case that must never happen.
 """
@@ -23,6 +24,7 @@ import torch
 import transformers
 
 import lllm
+from lllm.zoo import check_architecture
 
 SIZES = dict(hidden_size=32, n_embd=32, d_model=32, num_hidden_layers=2, n_layer=2, num_layers=2,
              num_attention_heads=4, n_head=4, num_key_value_heads=2, intermediate_size=64, ffn_dim=64,
@@ -30,14 +32,6 @@ SIZES = dict(hidden_size=32, n_embd=32, d_model=32, num_hidden_layers=2, n_layer
              moe_intermediate_size=16, num_experts=4, num_local_experts=4, n_routed_experts=4,
              num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 IDS = [1, 5, 9, 17, 33, 41, 60, 77, 80, 12]
-
-
-class _Ids:
-    def __call__(self, text):
-        return {"input_ids": [int(t) for t in text.split()]}
-
-    def decode(self, ids):
-        return " ".join(map(str, ids))
 
 
 def _tiny(model_cls, dtype):
@@ -58,40 +52,20 @@ def _tiny(model_cls, dtype):
     return model.requires_grad_(False)
 
 
-def _lm_head_reads(model, ids):
-    read = {}
-    head = model.get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda m, a: read.setdefault("y", a[0]))
-    try:
-        with torch.no_grad():
-            model(torch.tensor([ids]), use_cache=False)
-    finally:
-        handle.remove()
-    return read["y"][0, -1]
-
-
 def survey_one(model_cls) -> dict:
     row = {"class": model_cls.__name__}
     try:
-        models = {dtype: _tiny(model_cls, dtype) for dtype in (torch.float64, torch.float32)}
-        vocab = models[torch.float32].get_input_embeddings().num_embeddings
+        vocab = _tiny(model_cls, torch.float32).get_input_embeddings().num_embeddings
         ids = [i % vocab for i in IDS]
-        models[torch.float32](torch.tensor([ids]), use_cache=False)
+        _tiny(model_cls, torch.float32)(torch.tensor([ids]), use_cache=False)
     except Exception as error:  # noqa: BLE001 - a config that does not build is reported, not judged
         return {**row, "verdict": "not built", "why": f"{type(error).__name__}: {str(error)[:200]}"}
-    prompt = " ".join(map(str, ids))
     try:
-        r64 = lllm.detached_jacobian(models[torch.float64], _Ids(), prompt, progress=False)
-        r32 = lllm.detached_jacobian(models[torch.float32], _Ids(), prompt, progress=False)
-        ordinary = lllm.ordinary_jacobian(models[torch.float64], _Ids(), prompt, progress=False).relative_error
-        reads = torch.equal(r32.output, _lm_head_reads(models[torch.float32], ids))
+        return check_architecture(lambda dtype: _tiny(model_cls, dtype), ids)
     except lllm.LLLMError as error:
         return {**row, "verdict": "refused", "why": f"{type(error).__name__}: {str(error)[:300]}"}
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:  # noqa: BLE001 - a raw exception is reported as such: it should be an lllm error
         return {**row, "verdict": "crashed", "why": f"{type(error).__name__}: {str(error)[:300]}"}
-    exact = r64.relative_error <= 1e-12 and r32.relative_error <= 5e-6 and reads and ordinary >= 1e-2
-    return {**row, "verdict": "exact" if exact else "WRONG", "fp64": r64.relative_error, "fp32": r32.relative_error,
-            "ordinary": ordinary, "lm_head_reads_y": reads, **r64.meta["linearization"]}
 
 
 def main() -> None:

@@ -45,6 +45,7 @@ FIGURES = {
     "at_scale": ["at_scale"],
     "figa1": [],  # the weights are not available offline
     "performance": [],  # shows the benchmark harness's own plot
+    "architectures": [],  # tables only
 }
 SPECS = {spec.chapter: spec for spec in discover(NOTEBOOKS)}
 _TIMINGS: dict[str, float] = {}
@@ -239,6 +240,14 @@ def test_at_scale_reads_the_sweep_and_says_what_is_missing(sweep_dir, tmp_path):
     text = outputs_text(nb)
     assert "no sweep file" in text and "gemma3-270m" in text  # said plainly, not plotted
     assert "tiny-llama" in text  # its summary row
+
+
+def test_architectures_page_runs_every_tiny_architecture_and_the_survey(kernel_env, tmp_path):
+    nb = execute("architectures", tmp_path, survey=str(tmp_path / "no-survey.json"))
+    text = outputs_text(nb)
+    assert "GPT2LMHeadModel" in text and "DeepseekV3ForCausalLM" in text and "paper eq. 8" in text
+    assert "**no**" not in text and "refused" not in text  # every tested architecture is exact
+    assert "No survey" in text
 
 
 def test_performance_says_when_there_are_no_results(kernel_env, tmp_path):

@@ -8,9 +8,10 @@ import transformers as T
 
 import lllm
 from lllm import oplevel
-from lllm.jacobian import final_hidden
 from lllm.oplevel import linearized
-from tiny import ARCHITECTURES, COMMON, IdsTokenizer, randomize, tiny_architecture, tiny_model
+from tiny import (
+    ARCHITECTURES, COMMON, IdsTokenizer, check_architecture, lm_head_reads, randomize, tiny_architecture, tiny_model,
+)
 
 PROMPT = "1 5 9 17 33 41 60 77 80 12"  # 10 tokens: longer than the sliding windows of 4
 IDS = [int(t) for t in PROMPT.split()]
@@ -18,55 +19,31 @@ TOK = IdsTokenizer()
 MAX_ERROR = {torch.float32: 5e-6, torch.float64: 1e-12}
 
 
-def lm_head_reads(model, ids=IDS) -> torch.Tensor:
-    """What the output embedding really reads at the last position, in the model's own forward on token ids."""
-    read = {}
-    handle = model.get_output_embeddings().register_forward_pre_hook(lambda m, args: read.setdefault("y", args[0]))
-    try:
-        with torch.no_grad():
-            model(torch.tensor([ids]), use_cache=False)
-    finally:
-        handle.remove()
-    return read["y"][0, -1]
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_architecture_is_exact_bitwise_and_reads_what_lm_head_reads(arch):
+    row = check_architecture(lambda dtype: tiny_architecture(arch, dtype), IDS)
+    assert row["bitwise_forward"]  # (a) the float32 forward, every rewrite active, is the model's own bit for bit
+    assert row["fp32"] <= MAX_ERROR[torch.float32] and row["fp64"] <= MAX_ERROR[torch.float64]  # (b)
+    assert row["ordinary"] >= 1e-2  # (c) the ordinary Jacobian does not reconstruct y
+    assert row["y_is_what_lm_head_reads"]  # (e)
+    assert row["verdict"] == "exact" and row["frozen_ops"]
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_architecture_is_exact_bitwise_and_restored(arch):
-    model = tiny_architecture(arch, torch.float32)
-    x = lllm.embed(model, IDS)
-    with torch.no_grad():
-        reference = model(inputs_embeds=x[None], use_cache=False).logits
-    ordinary = lllm.ordinary_jacobian(model, TOK, PROMPT, progress=False)
-    assert ordinary.relative_error >= 1e-2  # (c) the ordinary Jacobian does not reconstruct y
-    # (a) the float32 forward with live inputs, every rewrite active, is bit-for-bit the model's own
-    with linearized(model) as lin:
-        live = x.clone().requires_grad_(True)
-        logits = model(inputs_embeds=live[None], use_cache=False).logits
-        assert lin.frozen, "the rewrites did not run"
-    assert torch.equal(logits.detach(), reference)
-    # (b) exact, with c from a JVP over the additive parameters
+def test_architecture_is_ordinary_again_after_exit_and_c_is_independent_of_y(arch):
+    model = tiny_architecture(arch, torch.float64)
+    before = lllm.ordinary_jacobian(model, TOK, PROMPT, progress=False).jacobian
     result = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
-    assert result.relative_error <= MAX_ERROR[torch.float32]
-    # (e) y is what lm_head reads in the model's own forward on the token ids
-    assert torch.equal(result.output, lm_head_reads(model))
     # (d) after exit the model is ordinary again: same Jacobian, no hooks, autograd.Function restored
-    assert torch.equal(lllm.ordinary_jacobian(model, TOK, PROMPT, progress=False).jacobian, ordinary.jacobian)
+    assert torch.equal(lllm.ordinary_jacobian(model, TOK, PROMPT, progress=False).jacobian, before)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert "apply" in torch.autograd.Function.__dict__ and not getattr(model, "_lllm_detached", False)
-
-
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_architecture_is_exact_in_float64_with_an_independent_bias_term(arch):
-    model = tiny_architecture(arch, torch.float64)
-    result = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
-    assert result.jacobian.dtype == torch.float64
-    assert result.relative_error <= MAX_ERROR[torch.float64]
+    # c comes from a JVP over the additive parameters alone, and it matters where there are any
     has_additive = bool(oplevel.additive_parameters(model))
     assert (result.bias is not None) == has_additive
-    if has_additive:  # c matters: without it the reconstruction fails
+    if has_additive:
         linear_part = torch.einsum("otd,td->o", result.jacobian, result.inputs)
         assert lllm.relative_error(result.output, linear_part) > 1e-6
-    assert lllm.ordinary_jacobian(model, TOK, PROMPT, progress=False).relative_error >= 1e-2
 
 
 def test_gated_mlp_split_is_reported_and_the_other_split_is_exact_too():
@@ -171,7 +148,7 @@ def test_multimodal_wrapper_with_text_input_is_exact(dtype):
     assert result.relative_error <= MAX_ERROR[dtype]
     assert result.jacobian.shape == (32, 10, 32)
     if dtype == torch.float32:
-        assert torch.equal(result.output, lm_head_reads(model))
+        assert torch.equal(result.output, lm_head_reads(model, IDS))
 
 
 # -- the cases that were silently wrong under the class-name adapters ---------------------------------------------
@@ -181,7 +158,7 @@ def _exact_and_repeatable(model):
     """Exact: the output is what lm_head reads, J⁺ rebuilds it, and two calls agree."""
     first = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
     second = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
-    assert torch.equal(first.output, lm_head_reads(model))
+    assert torch.equal(first.output, lm_head_reads(model, IDS))
     assert first.relative_error <= MAX_ERROR[torch.float32]
     assert torch.equal(first.jacobian, second.jacobian)
     return first

@@ -36,11 +36,18 @@ def tiny_loader(name: str, dtype: torch.dtype):
     return tiny_model(name.removeprefix("tiny:"), dtype, seed=0), IdsTokenizer()
 
 
+class _SlowTokenizer(IdsTokenizer):
+    """IdsTokenizer that sleeps 50 ms per prompt (a model hook would be refused by the class-name adapters)."""
+
+    def __call__(self, text: str):
+        time.sleep(0.05)
+        return super().__call__(text)
+
+
 def slow_tiny_loader(name: str, dtype: torch.dtype):
-    """tiny_loader whose every forward first sleeps 50 ms, so that a signal lands while prompts are running."""
-    model, tokenizer = tiny_loader(name, dtype)
-    model.register_forward_pre_hook(lambda module, args: time.sleep(0.05))
-    return model, tokenizer
+    """tiny_loader whose every prompt first sleeps 50 ms, so that a signal lands while prompts are running."""
+    model, _ = tiny_loader(name, dtype)
+    return model, _SlowTokenizer()
 
 
 def id_prompts(n: int, lengths: tuple[int, int], seed: int) -> list[str]:
