@@ -30,17 +30,19 @@ from dataclasses import dataclass, field
 
 import psutil
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .errors import MemoryBudgetError
-from .jacobian import _self_check, embed, relative_error, reverse_jacobian, tokenize
+from .errors import MemoryBudgetError, UnsupportedModelError
+from .families import SUBMODULE_NAMES, DecoderParts, decoder_parts, family_of
+from .jacobian import _self_check, embed, relative_error, reverse_jacobian, text_config, tokenize
 from .linearize import Linearization, detached, frozen_norm
+from .oplevel import additive_parameters, linearized
 
 COMPONENTS = ("layer", "attn", "mlp")
 METHODS = ("auto", "forward", "reverse")
-# Module attribute names shared by every supported family: decoder.layers[ℓ].self_attn / .mlp, decoder.norm.
-_SUBMODULE = {"attn": "self_attn", "mlp": "mlp"}
 
 
 @dataclass
@@ -84,8 +86,8 @@ class _Trace:
     class Stop(Exception):
         """Raised after the deepest needed layer, so that no later layer is computed."""
 
-    def __init__(self, model: nn.Module, layers: Iterable[int], components: Sequence[str], stop: bool):
-        self.decoder = model.get_decoder()
+    def __init__(self, parts: DecoderParts, layers: Iterable[int], components: Sequence[str], stop: bool):
+        self.parts = parts
         self.layers, self.components = sorted(set(layers)), tuple(components)
         self.layer_inputs: dict[int, tuple[torch.Tensor, dict]] = {}
         self.outputs: dict[tuple[int, str], torch.Tensor] = {}  # (ℓ, component) -> (B, T, d)
@@ -94,13 +96,13 @@ class _Trace:
 
     def __enter__(self) -> _Trace:
         for ell in self.layers:
-            layer = self.decoder.layers[ell]
+            layer = self.parts.layers[ell]
             self._handles.append(layer.register_forward_pre_hook(self._save_input(ell), with_kwargs=True))
             for comp in self.components:
-                module = layer if comp == "layer" else getattr(layer, _SUBMODULE[comp])
+                module = _component(self.parts, layer, comp)
                 self._handles.append(module.register_forward_hook(self._save_output(ell, comp)))
         if self.stop_at is not None:  # registered last, so it runs after the layer's own capture
-            self._handles.append(self.decoder.layers[self.stop_at].register_forward_hook(self._stop))
+            self._handles.append(self.parts.layers[self.stop_at].register_forward_hook(self._stop))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -124,6 +126,16 @@ class _Trace:
     @staticmethod
     def _stop(module, args, output):
         raise _Trace.Stop
+
+
+def _component(parts: DecoderParts, layer: nn.Module, comp: str) -> nn.Module:
+    """The module whose output is `comp` of this layer: the layer itself, its attention, or its MLP."""
+    if comp == "layer":
+        return layer
+    if comp not in parts.submodules:
+        raise UnsupportedModelError(f"{type(layer).__name__} has no {comp!r} submodule lllm can name (tried "
+                                    f"{', '.join(SUBMODULE_NAMES[comp])}); ask for components=['layer'] only")
+    return getattr(layer, parts.submodules[comp])
 
 
 def _readout(lin: Linearization, decoder: nn.Module, hidden: torch.Tensor, key: str, position: int, norm: bool):
@@ -233,18 +245,25 @@ def cumulative_jacobians(
     """Cumulative J⁺: input embeddings → each layer/attention/MLP output at `position` (Fig. 6A–C)."""
     token_ids = tokenize(tokenizer, prompt_or_ids)
     x0 = embed(model, token_ids)  # (T, d)
-    n_layers, d = model.config.num_hidden_layers, x0.shape[-1]
+    n_layers, d = text_config(model).num_hidden_layers, x0.shape[-1]
     layers = list(range(n_layers)) if layers is None else sorted({ell % n_layers for ell in layers})
     T, keys = len(token_ids), [(ell, c) for ell in layers for c in components]
     _check_result_fits(len(keys), d, T, d, x0.dtype)
     depth, position = layers[-1] + 1, position % T
+    if not _has_adapter(model):  # the op-level path: any decoder, reverse mode
+        _op_method(method)
+        result = _op_cumulative(model, tokenizer, token_ids, x0, layers, components, position, through_norm,
+                                mlp_split, progress)
+        for comp in components:
+            _self_check(max(result.relative_errors(comp)), x0.dtype, f"cumulative {comp} outputs")
+        return result
     # forward: T·d basis tangents through `depth` layers; reverse: d rows back through T tokens and ℓ+1 layers each
     chosen = _choose(method, d * _forward_token_layers(position, depth), sum(d * T * (ell + 1) for ell, _ in keys))
     start = time.perf_counter()
     decoder = model.get_decoder()
     with detached(model, mlp_split=mlp_split, record=True) as lin:
         x = x0.clone().requires_grad_(chosen == "reverse")
-        with torch.set_grad_enabled(chosen == "reverse"), _Trace(model, layers, components, stop=True) as trace:
+        with torch.set_grad_enabled(chosen == "reverse"), _Trace(decoder_parts(model), layers, components, stop=True) as trace:
             decoder(inputs_embeds=x[None], use_cache=False)
         targets = {k: _readout(lin, decoder, trace.outputs[k], f"readout.{k}", position, through_norm)[0] for k in keys}
         lin.replay = True
@@ -274,7 +293,7 @@ def _replayed_outputs(model, lin, keys, inputs_embeds, position, through_norm, c
     """Run the replayed (linear) network on inputs_embeds (B, T, d); return each key's readout (B, d)."""
     decoder = model.get_decoder()
     layers = sorted({ell for ell, _ in keys})
-    with _Trace(model, layers, components, stop=True) as trace:
+    with _Trace(decoder_parts(model), layers, components, stop=True) as trace:
         decoder(inputs_embeds=inputs_embeds, use_cache=False)
     return {k: _readout(lin, decoder, trace.outputs[k], f"readout.{k}", position, through_norm) for k in keys}
 
@@ -295,11 +314,17 @@ def layerwise_jacobians(
     """Layer-wise J⁺: layer ℓ alone, input hidden states (T, d) → its outputs at `position` (Fig. 6D)."""
     token_ids = tokenize(tokenizer, prompt_or_ids)
     x0 = embed(model, token_ids)
-    n_layers, d = model.config.num_hidden_layers, x0.shape[-1]
+    n_layers, d = text_config(model).num_hidden_layers, x0.shape[-1]
     layers = list(range(n_layers)) if layers is None else sorted({ell % n_layers for ell in layers})
     T, keys = len(token_ids), [(ell, c) for ell in layers for c in components]
     _check_result_fits(len(keys), d, T, d, x0.dtype)
     position = position % T
+    if not _has_adapter(model):  # the op-level path: any decoder, reverse mode
+        _op_method(method)
+        result = _op_layerwise(model, tokenizer, token_ids, x0, layers, components, position, mlp_split, progress)
+        for comp in components:
+            _self_check(max(result.relative_errors(comp)), x0.dtype, f"layer-wise {comp} outputs")
+        return result
     # per layer: T·d tangents through Σᵢ (position-i+1) tokens, against d rows per component through T tokens
     chosen = _choose(method, d * _forward_token_layers(position, 1), d * T * len(components))
     start = time.perf_counter()
@@ -307,13 +332,13 @@ def layerwise_jacobians(
     stacked, jac = _allocate(layers, components, (d, T, d), x0.dtype)
     targets, bias, layer_inputs = {}, {}, []
     with detached(model, mlp_split=mlp_split, record=True) as lin:
-        with torch.no_grad(), _Trace(model, layers, components, stop=True) as trace:
+        with torch.no_grad(), _Trace(decoder_parts(model), layers, components, stop=True) as trace:
             decoder(inputs_embeds=x0[None], use_cache=False)
         lin.replay = True
         for ell in tqdm(layers, desc=f"layer-wise J⁺ ({chosen})", disable=not progress, leave=False):
             hidden, kwargs = trace.layer_inputs[ell]
             layer_inputs.append(hidden[0])
-            run = _layer_runner(model, ell, components, kwargs)
+            run = _LayerRun(decoder_parts(model), ell, components, kwargs)
             with torch.no_grad():
                 zero = run(torch.zeros_like(hidden), position)
             h = hidden.clone().requires_grad_(chosen == "reverse")
@@ -337,26 +362,128 @@ def layerwise_jacobians(
     return result
 
 
-def _layer_runner(model: nn.Module, ell: int, components: Sequence[str], kwargs: dict):
-    """A function (hidden (B, T, d), position) → {component: output at `position` (B, d)} for layer ℓ alone."""
-    layer = model.get_decoder().layers[ell]
+class _LayerRun(nn.Module):
+    """Layer ℓ alone as a module: (hidden (B, T, d), position) → {component: output at `position` (B, d)}."""
 
-    def run(hidden: torch.Tensor, position: int) -> dict[str, torch.Tensor]:
+    def __init__(self, parts: DecoderParts, ell: int, components: Sequence[str], kwargs: dict):
+        super().__init__()
+        self.layer, self.parts, self.components, self.kwargs = parts.layers[ell], parts, tuple(components), kwargs
+
+    def forward(self, hidden: torch.Tensor, position: int) -> dict[str, torch.Tensor]:
         captured = {}
         handles = [
-            getattr(layer, _SUBMODULE[c]).register_forward_hook(
+            _component(self.parts, self.layer, c).register_forward_hook(
                 lambda m, a, out, c=c: captured.__setitem__(c, out[0] if isinstance(out, tuple) else out)
             )
-            for c in components if c != "layer"
+            for c in self.components if c != "layer"
         ]
         try:
-            captured["layer"] = layer(hidden, **kwargs)
+            out = self.layer(hidden, **self.kwargs)
+            captured["layer"] = out[0] if isinstance(out, tuple) else out
         finally:
             for handle in handles:
                 handle.remove()
-        return {c: captured[c][:, position] for c in components}
+        return {c: captured[c][:, position] for c in self.components}
 
-    return run
+
+class _Readouts(nn.Module):
+    """The decoder as one module: inputs_embeds (1, T, d) → {(ℓ, component): output at `position` (1, d)},
+    read through the final norm (its own frozen factor) when asked; later layers are not computed."""
+
+    def __init__(self, parts: DecoderParts, layers: Sequence[int], components: Sequence[str], position: int,
+                 through_norm: bool):
+        super().__init__()
+        if through_norm and parts.norm is None:
+            raise UnsupportedModelError(f"{type(parts.decoder).__name__} has no final norm lllm can name; "
+                                        "pass through_norm=False")
+        self.decoder, self.parts, self.layers, self.components = parts.decoder, parts, layers, tuple(components)
+        self.position, self.through_norm = position, through_norm
+
+    def forward(self, inputs_embeds: torch.Tensor) -> dict[tuple[int, str], torch.Tensor]:
+        with _Trace(self.parts, self.layers, self.components, stop=True) as trace:
+            self.decoder(inputs_embeds=inputs_embeds, use_cache=False)
+        vecs = {k: trace.outputs[k][:, self.position] for k in trace.outputs}
+        return {k: self.parts.norm(v) if self.through_norm else v for k, v in vecs.items()}
+
+
+def _additive_term(model: nn.Module, module: nn.Module, *inputs) -> dict | None:
+    """c of every output of `module` (the decoder or a layer, wrapped): one JVP over the additive parameters it
+    holds, their tangents the parameters themselves. Inside `linearized`; independent of the outputs."""
+    paths = {m: p for p, m in module.named_modules()}
+    names = [f"{paths[m]}.{attr}" if paths[m] else attr for m, attr, _ in additive_parameters(model) if m in paths]
+    if not names:
+        return None
+    params = dict(module.named_parameters(remove_duplicate=False))
+    with fwAD.dual_level():
+        duals = {n: fwAD.make_dual(params[n].detach(), params[n].detach()) for n in names}
+        outs = functional_call(module, duals, inputs)
+        tangents = {k: fwAD.unpack_dual(v).tangent for k, v in outs.items()}
+    return {k: torch.zeros_like(outs[k][0]) if t is None else t[0].detach() for k, t in tangents.items()}
+
+
+def _op_cumulative(model, tokenizer, token_ids, x0, layers, components, position, through_norm, mlp_split, progress):
+    """Cumulative J⁺ at the op level (any decoder), by batched reverse mode."""
+    keys, n_tokens, start = [(ell, c) for ell in layers for c in components], len(token_ids), time.perf_counter()
+    readouts = _Readouts(decoder_parts(model), layers, components, position, through_norm)
+    with linearized(model, mlp_split=mlp_split) as lin:
+        x = x0.clone().requires_grad_(True)
+        targets = {k: v[0] for k, v in readouts(x[None].clone()).items()}
+        for (ell, comp), y in targets.items():
+            lin.check_linear(y, f"the {comp} output of layer {ell}")
+        d_out = targets[keys[0]].shape[0]
+        stacked, jac = _allocate(layers, components, (d_out, n_tokens, x0.shape[-1]), x0.dtype)
+        for k in tqdm(keys, desc="cumulative J⁺ (reverse)", disable=not progress, leave=False):
+            jac[k].copy_(reverse_jacobian(targets[k], x, min(64, d_out), False, ""))
+        lin.mark_live(x0)
+        bias = _additive_term(model, readouts, x0[None].clone())
+    return _assemble("cumulative", layers, components, stacked, targets, bias, x0, token_ids, tokenizer,
+                     through_norm, "reverse", time.perf_counter() - start)
+
+
+def _op_layerwise(model, tokenizer, token_ids, x0, layers, components, position, mlp_split, progress):
+    """Layer-wise J⁺ at the op level (any decoder), by batched reverse mode."""
+    parts, n_tokens, start = decoder_parts(model), len(token_ids), time.perf_counter()
+    targets, bias, layer_inputs, jac, stacked = {}, {}, [], {}, None
+    with linearized(model, mlp_split=mlp_split) as lin:
+        with torch.no_grad(), _Trace(parts, layers, components, stop=True) as trace:
+            parts.decoder(inputs_embeds=x0[None].clone(), use_cache=False)
+        for ell in tqdm(layers, desc="layer-wise J⁺ (reverse)", disable=not progress, leave=False):
+            hidden, kwargs = trace.layer_inputs[ell]
+            run = _LayerRun(parts, ell, components, kwargs)
+            h = hidden.detach().clone().requires_grad_(True)
+            outs = run(h, position)
+            if stacked is None:
+                stacked, jac = _allocate(layers, components, (outs[components[0]].shape[-1], n_tokens, h.shape[-1]),
+                                         x0.dtype)
+            h0 = hidden.detach().clone()
+            lin.mark_live(h0)
+            c = _additive_term(model, run, h0, position)
+            layer_inputs.append(h0[0])
+            for comp in components:
+                lin.check_linear(outs[comp], f"the {comp} output of layer {ell}")
+                targets[(ell, comp)] = outs[comp][0].detach()
+                bias[(ell, comp)] = None if c is None else c[comp]
+                jac[(ell, comp)].copy_(reverse_jacobian(outs[comp][0], h, min(64, outs[comp].shape[-1]), False, "")[:, 0])
+    has_bias = any(v is not None for v in bias.values())
+    return _assemble("layerwise", layers, components, stacked, targets, bias if has_bias else None,
+                     torch.stack(layer_inputs), token_ids, tokenizer, False, "reverse", time.perf_counter() - start)
+
+
+def _has_adapter(model: nn.Module) -> bool:
+    """True when a class-name adapter serves the model (its forward sweep replays recorded factors)."""
+    try:
+        family_of(model)
+    except UnsupportedModelError:
+        return False
+    return True
+
+
+def _op_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "forward":
+        raise UnsupportedModelError("the forward sweep replays recorded factors through a family adapter, which this "
+                                    "architecture has not; use method='reverse' (or 'auto')")
 
 
 def _allocate(layers, components, shape, dtype) -> tuple[dict, dict]:

@@ -63,7 +63,7 @@ PASS = {
     "sum", "flip", "roll", "movedim", "moveaxis", "t", "T", "mT", "diagonal", "index_select", "gather",
     "take_along_dim", "neg", "__neg__", "negative", "positive", "cumsum", "dropout", "unfold", "tril", "triu",
     "to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "squeeze_", "unsqueeze_",
-    "embedding", "masked_select", "swapaxes", "swapdims",
+    "embedding", "masked_select", "swapaxes", "swapdims", "view_as_complex", "view_as_real",
 }
 CASTS = {"to", "type", "type_as", "float", "double", "half", "bfloat16"}
 # Products: the argument positions (or keywords) that are factors; the rest (linear's bias) are additive.
@@ -73,7 +73,7 @@ PRODUCTS = {
                      "__rmatmul__", "outer", "div", "__truediv__", "div_", "__itruediv__", "true_divide"), _BINARY),
     "bmm": ((0, 1), ("input", "mat2")), "mm": ((0, 1), ("input", "mat2")),
     "linear": ((0, 1), ("input", "weight")), "addmm": ((1, 2), ("mat1", "mat2")),
-    "baddbmm": ((1, 2), ("batch1", "batch2")), "einsum": None, "_grouped_mm": ((0, 1), ("mat_a", "mat_b")),
+    "baddbmm": ((1, 2), ("batch1", "batch2")), "einsum": None, "conv1d": ((0, 1), ("input", "weight")), "_grouped_mm": ((0, 1), ("mat_a", "mat_b")),
 }
 # Ops on a live tensor that only read its shape, dtype or device: the result is constant.
 CONSTRUCTORS = {"zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty",
@@ -369,15 +369,15 @@ class _Mode(TorchFunctionMode):
             tag = A if froze_live and tags[factors[0]] in (L, A) else tags[factors[0]]
         if name == "einsum":
             args = [args[0], operands] if nested else [args[0], *operands]
-        if name in ("linear", "addmm", "baddbmm"):
+        if name in ("linear", "addmm", "baddbmm", "conv1d"):
             return self._with_additive(func, args, kwargs, name, tag)
         return self._tag(func(*args, **kwargs), tag)
 
     def _with_additive(self, func, args, kwargs, name, product_tag):
-        """linear/addmm/baddbmm: a product plus an additive term (bias, or baddbmm's input)."""
+        """linear/conv1d/addmm/baddbmm: a product plus an additive term (bias, or addmm's and baddbmm's input)."""
         lin = self.lin
-        index = 2 if name == "linear" else 0
-        extra = args[index] if len(args) > index else kwargs.get("bias" if name == "linear" else "input")
+        index = 2 if name in ("linear", "conv1d") else 0
+        extra = args[index] if len(args) > index else kwargs.get("bias" if name in ("linear", "conv1d") else "input")
         result = func(*args, **kwargs)
         extra_tag = lin.tag(extra)
         if N in (product_tag, extra_tag):

@@ -156,13 +156,13 @@ def check_architecture(build: Callable[[torch.dtype], torch.nn.Module], ids: lis
 
     prompt = " ".join(map(str, ids))
     m32, m64 = build(torch.float32), build(torch.float64)
+    r32 = lllm.detached_jacobian(m32, IdsTokenizer(), prompt, progress=False)  # refuses first, if it must
+    r64 = lllm.detached_jacobian(m64, IdsTokenizer(), prompt, progress=False)
     x = lllm.embed(m32, ids)
     with torch.no_grad():
-        reference = m32(inputs_embeds=x[None], use_cache=False).logits
+        reference = m32(inputs_embeds=x[None].clone(), use_cache=False).logits
     with linearized(m32):
-        logits = m32(inputs_embeds=x.clone().requires_grad_(True)[None], use_cache=False).logits
-    r32 = lllm.detached_jacobian(m32, IdsTokenizer(), prompt, progress=False)
-    r64 = lllm.detached_jacobian(m64, IdsTokenizer(), prompt, progress=False)
+        logits = m32(inputs_embeds=x.clone().requires_grad_(True)[None].clone(), use_cache=False).logits
     ordinary = lllm.ordinary_jacobian(m64, IdsTokenizer(), prompt, progress=False).relative_error
     row = {
         "class": type(m32).__name__, "fp32": r32.relative_error, "fp64": r64.relative_error, "ordinary": ordinary,

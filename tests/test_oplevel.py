@@ -10,7 +10,8 @@ import lllm
 from lllm import oplevel
 from lllm.oplevel import linearized
 from tiny import (
-    ARCHITECTURES, COMMON, IdsTokenizer, check_architecture, lm_head_reads, randomize, tiny_architecture, tiny_model,
+    ARCHITECTURES, COMMON, FAMILY_CONFIGS, IdsTokenizer, check_architecture, lm_head_reads, randomize, tiny_architecture,
+    tiny_model,
 )
 
 PROMPT = "1 5 9 17 33 41 60 77 80 12"  # 10 tokens: longer than the sliding windows of 4
@@ -278,3 +279,41 @@ def test_an_additive_constant_that_is_not_a_bias_is_refused():
             lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
     finally:
         handle.remove()
+
+
+# -- layer-by-layer readouts on the op-level path (architectures without a class-name adapter) ---------------------
+
+WITHOUT_ADAPTER = sorted(set(ARCHITECTURES) - set(FAMILY_CONFIGS))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("arch", WITHOUT_ADAPTER)
+def test_layer_readouts_of_any_decoder_are_exact_and_end_at_the_final_jacobian(arch, dtype):
+    model = tiny_architecture(arch, dtype)
+    components = ["layer", "attn"] + ([] if arch == "opt" else ["mlp"])  # OPT's MLP is inline, not a module
+    cumulative = lllm.cumulative_jacobians(model, TOK, PROMPT, components=components, progress=False)
+    layerwise = lllm.layerwise_jacobians(model, TOK, PROMPT, components=components, progress=False)
+    for result in (cumulative, layerwise):
+        assert result.method == "reverse" and result.layers == [0, 1]
+        for comp in components:
+            assert max(result.relative_errors(comp)) <= MAX_ERROR[dtype], (result.kind, comp)
+    assert (cumulative.bias is not None) == bool(oplevel.additive_parameters(model))
+    final = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+    gap = (cumulative.jacobian["layer"][-1] - final.jacobian).norm() / final.jacobian.norm()
+    assert gap <= (1e-6 if dtype == torch.float32 else 1e-12)
+    assert torch.equal(cumulative.output["layer"][-1], final.output)
+
+
+def test_layer_readouts_refuse_what_the_op_level_path_cannot_give():
+    model = tiny_architecture("gpt2")
+    with pytest.raises(lllm.UnsupportedModelError, match="forward sweep"):
+        lllm.cumulative_jacobians(model, TOK, PROMPT, method="forward", progress=False)
+    with pytest.raises(lllm.UnsupportedModelError, match="'mlp' submodule"):
+        lllm.layerwise_jacobians(tiny_architecture("opt"), TOK, PROMPT, components=["mlp"], progress=False)
+
+
+def test_the_per_prompt_analysis_runs_on_a_decoder_without_an_adapter():
+    analysis = lllm.analyze(tiny_architecture("gpt2"), TOK, IDS[:7], progress=False)
+    assert analysis.meta["relative_error"] <= MAX_ERROR[torch.float32]
+    assert analysis.meta["methods"] == {"cumulative": "reverse", "layerwise": "reverse"}
+    assert all(max(errors) <= MAX_ERROR[torch.float32] for errors in analysis.meta["layer_errors"].values())
