@@ -34,8 +34,10 @@ from tqdm.auto import tqdm
 
 from .decompose import _orientation, svd
 from .errors import LLLMError, MemoryBudgetError, PromptError
-from .jacobian import _self_check, bias_term, embed, estimate_jacobian_bytes, final_hidden, relative_error, tokenize
-from .linearize import detached
+from .jacobian import (
+    _self_check, bias_term, embed, estimate_jacobian_bytes, final_hidden, relative_error, text_config, tokenize,
+)
+from .oplevel import linearized
 
 STRATEGIES = ("auto", "exact", "randomized")
 
@@ -107,7 +109,7 @@ class DetachedOperator:
 
     @property
     def d_out(self) -> int:
-        return self.model.config.hidden_size
+        return text_config(self.model).hidden_size
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -124,10 +126,11 @@ class DetachedOperator:
         _check_graph_fits(self.model, self.n_tokens, self.chunk_size, self.dtype)
         self._stack = ExitStack()
         try:
-            self._stack.enter_context(detached(self.model, mlp_split=self.mlp_split))
+            lin = self._stack.enter_context(linearized(self.model, mlp_split=self.mlp_split))
             with torch.enable_grad():
                 self._x = self.inputs.clone().requires_grad_(True)
                 self._y = final_hidden(self.model, self._x, self.position)  # (d_out,)
+                lin.check_linear(self._y, "the output embedding y")
                 self._u = torch.zeros(self.d_out, dtype=self.dtype, requires_grad=True)
                 (self._jtu,) = torch.autograd.grad(self._y, self._x, grad_outputs=self._u, create_graph=True)
             self.output = self._y.detach()

@@ -8,7 +8,6 @@ import torch
 import lllm
 from lllm.decompose import svd
 from lllm.errors import LinearizationError, PromptError
-from lllm.linearize import Linearization
 from lllm.matfree import DetachedOperator, OperatorError, all_token_topk, topk_svd
 from tiny import FAMILY_CONFIGS, IdsTokenizer, tiny_model
 
@@ -159,11 +158,14 @@ def test_model_is_restored_and_operator_refuses_misuse():
 
 
 def test_a_missed_nonlinearity_is_refused(monkeypatch):
-    """With the factors left live, J no longer reconstructs y: the operator must refuse to open."""
-    monkeypatch.setattr(Linearization, "frozen", lambda self, key, compute, *dims: compute())
+    """With a wrong activation factor (g = 1, live in the "gate" split: the tags still prove linearity), J no
+    longer reconstructs y: the operator's numeric self-check must refuse to open."""
+    from lllm import oplevel
+
+    monkeypatch.setattr(oplevel, "_factor", lambda name, h, value, kwargs: torch.ones_like(h))
     model = tiny_model("llama", torch.float64)
     with pytest.raises(LinearizationError):
-        with DetachedOperator.from_prompt(model, TOK, PROMPT):
+        with DetachedOperator.from_prompt(model, TOK, PROMPT, mlp_split="gate"):
             pass
     assert not getattr(model, "_lllm_detached", False)
 
