@@ -35,3 +35,7 @@ class CacheError(LLLMError):
 
 class LinearizationError(UnsupportedModelError):
     """The detached Jacobian failed to reconstruct its output: some nonlinearity was not frozen."""
+
+
+class ReplayError(LinearizationError):
+    """A recorded forward cannot be replayed on these inputs (a batch, a token window); reverse mode still works."""

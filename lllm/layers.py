@@ -23,6 +23,7 @@ constant c is the replayed network applied to a zero input, computed independent
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,7 +36,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .errors import MemoryBudgetError, UnsupportedModelError
+from .errors import MemoryBudgetError, ReplayError, UnsupportedModelError
 from .families import SUBMODULE_NAMES, DecoderParts, decoder_parts, family_of
 from .jacobian import _self_check, embed, relative_error, reverse_jacobian, text_config, tokenize
 from .linearize import Linearization, detached, frozen_norm
@@ -112,8 +113,11 @@ class _Trace:
 
     def _save_input(self, ell: int):
         def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            self.layer_inputs[ell] = (hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            # every argument by name (GPT-2's blocks take the mask positionally), the first being the hidden states
+            bound = dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
+            extra = bound.pop(next(iter(inspect.signature(module.forward).parameters)))
+            bound.update(bound.pop("kwargs", {}))  # a **kwargs parameter arrives as one dict
+            self.layer_inputs[ell] = (extra, bound)
 
         return hook
 
@@ -144,24 +148,20 @@ def _readout(lin: Linearization, decoder: nn.Module, hidden: torch.Tensor, key: 
     return frozen_norm(lin, decoder.norm, vec, key) if norm else vec
 
 
-def _bias_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The decoder's bias parameters (Qwen 2's q/k/v biases, for example)."""
-    return [p for n, p in model.get_decoder().named_parameters() if n.endswith(".bias")]
-
-
 def _has_biases(model: nn.Module) -> bool:
-    return bool(_bias_parameters(model))
+    """True when the model has additive parameters (biases, position tables): its maps are affine."""
+    return bool(additive_parameters(model))
 
 
 @contextmanager
 def _without_biases(model: nn.Module) -> Iterator[None]:
-    """The decoder's biases set to zero, restored bit-for-bit on exit.
+    """Every additive parameter (biases, position tables) set to zero, restored bit-for-bit on exit.
 
     Under replay the frozen factors do not depend on the input, so the network is then exactly
     x ↦ J⁺x: basis tangents give the columns J⁺eₖ directly. Computing them as (J⁺eₖ + c) − c
     instead loses all precision when c ≫ J⁺eₖ (Qwen2.5's v biases: 4e-4 in float32).
     """
-    saved = [(p, p.detach().clone()) for p in _bias_parameters(model)]
+    saved = [(p, p.detach().clone()) for p in (getattr(m, attr) for m, attr, _ in additive_parameters(model))]
     try:
         with torch.no_grad():
             for p, _ in saved:
@@ -250,15 +250,15 @@ def cumulative_jacobians(
     T, keys = len(token_ids), [(ell, c) for ell in layers for c in components]
     _check_result_fits(len(keys), d, T, d, x0.dtype)
     depth, position = layers[-1] + 1, position % T
-    if not _has_adapter(model):  # the op-level path: any decoder, reverse mode
-        _op_method(method)
-        result = _op_cumulative(model, tokenizer, token_ids, x0, layers, components, position, through_norm,
-                                mlp_split, progress)
+    # forward: T·d basis tangents through `depth` layers; reverse: d rows back through T tokens and ℓ+1 layers each
+    chosen = _choose(method, d * _forward_token_layers(position, depth), sum(d * T * (ell + 1) for ell, _ in keys))
+    if not _has_adapter(model):  # the op-level path: any decoder
+        run = lambda how: _op_cumulative(model, tokenizer, token_ids, x0, layers, components, position,  # noqa: E731
+                                         through_norm, mlp_split, how, chunk_size, progress)
+        result = _op_with_fallback(run, method, chosen)
         for comp in components:
             _self_check(max(result.relative_errors(comp)), x0.dtype, f"cumulative {comp} outputs")
         return result
-    # forward: T·d basis tangents through `depth` layers; reverse: d rows back through T tokens and ℓ+1 layers each
-    chosen = _choose(method, d * _forward_token_layers(position, depth), sum(d * T * (ell + 1) for ell, _ in keys))
     start = time.perf_counter()
     decoder = model.get_decoder()
     with detached(model, mlp_split=mlp_split, record=True) as lin:
@@ -319,9 +319,11 @@ def layerwise_jacobians(
     T, keys = len(token_ids), [(ell, c) for ell in layers for c in components]
     _check_result_fits(len(keys), d, T, d, x0.dtype)
     position = position % T
-    if not _has_adapter(model):  # the op-level path: any decoder, reverse mode
-        _op_method(method)
-        result = _op_layerwise(model, tokenizer, token_ids, x0, layers, components, position, mlp_split, progress)
+    if not _has_adapter(model):  # the op-level path: any decoder; its basis sweep runs every token (no window)
+        chosen = _choose(method, d * T * T, d * T * len(components))
+        run = lambda how: _op_layerwise(model, tokenizer, token_ids, x0, layers, components, position,  # noqa: E731
+                                        mlp_split, how, chunk_size, progress)
+        result = _op_with_fallback(run, method, chosen)
         for comp in components:
             _self_check(max(result.relative_errors(comp)), x0.dtype, f"layer-wise {comp} outputs")
         return result
@@ -421,52 +423,116 @@ def _additive_term(model: nn.Module, module: nn.Module, *inputs) -> dict | None:
     return {k: torch.zeros_like(outs[k][0]) if t is None else t[0].detach() for k, t in tangents.items()}
 
 
-def _op_cumulative(model, tokenizer, token_ids, x0, layers, components, position, through_norm, mlp_split, progress):
-    """Cumulative J⁺ at the op level (any decoder), by batched reverse mode."""
+def _op_cumulative(model, tokenizer, token_ids, x0, layers, components, position, through_norm, mlp_split, method,
+                   chunk_size, progress):
+    """Cumulative J⁺ at the op level (any decoder): a forward sweep of the replayed network, or reverse mode."""
     keys, n_tokens, start = [(ell, c) for ell in layers for c in components], len(token_ids), time.perf_counter()
-    readouts = _Readouts(decoder_parts(model), layers, components, position, through_norm)
+    parts, d_in = decoder_parts(model), x0.shape[-1]
+    readouts = _Readouts(parts, layers, components, position, through_norm)
     with linearized(model, mlp_split=mlp_split) as lin:
-        x = x0.clone().requires_grad_(True)
-        targets = {k: v[0] for k, v in readouts(x[None].clone()).items()}
+        x = x0.clone().requires_grad_(method == "reverse")
+        with lin.recording(), torch.set_grad_enabled(method == "reverse"):
+            outs = readouts(x[None].clone())
+        targets = {k: v[0] for k, v in outs.items()}
         for (ell, comp), y in targets.items():
             lin.check_linear(y, f"the {comp} output of layer {ell}")
+        method = _op_sweep_allowed(lin, method)
         d_out = targets[keys[0]].shape[0]
-        stacked, jac = _allocate(layers, components, (d_out, n_tokens, x0.shape[-1]), x0.dtype)
-        for k in tqdm(keys, desc="cumulative J⁺ (reverse)", disable=not progress, leave=False):
-            jac[k].copy_(reverse_jacobian(targets[k], x, min(64, d_out), False, ""))
-        lin.mark_live(x0)
-        bias = _additive_term(model, readouts, x0[None].clone())
+        stacked, jac = _allocate(layers, components, (d_out, n_tokens, d_in), x0.dtype)
+        if method == "reverse":
+            for k in tqdm(keys, desc="cumulative J⁺ (reverse)", disable=not progress, leave=False):
+                jac[k].copy_(reverse_jacobian(targets[k], x, min(64, d_out), False, ""))
+            lin.mark_live(x0)
+            bias = _additive_term(model, readouts, x0[None].clone())
+        else:
+            lin.finish_record(list(outs.values()))
+            with lin.replay(), torch.no_grad():  # the affine map at x = 0: c, independently of y
+                bias = {k: v[0] for k, v in readouts(torch.zeros_like(x0)[None]).items()} if _has_biases(model) else None
+            cut = _Readouts(parts, layers, components, -1, through_norm)
+            chunks = list(_causal_basis(position, d_in, chunk_size, x0.dtype))
+            with torch.no_grad(), _without_biases(model):
+                for i, ks, basis in tqdm(chunks, desc="cumulative J⁺ (forward)", disable=not progress, leave=False):
+                    with lin.replay(i, position + 1):
+                        columns = cut(basis)
+                    for k in keys:
+                        jac[k][:, i, ks] = columns[k].T  # (B, d) columns J⁺e_(i,k)
     return _assemble("cumulative", layers, components, stacked, targets, bias, x0, token_ids, tokenizer,
-                     through_norm, "reverse", time.perf_counter() - start)
+                     through_norm, method, time.perf_counter() - start)
 
 
-def _op_layerwise(model, tokenizer, token_ids, x0, layers, components, position, mlp_split, progress):
-    """Layer-wise J⁺ at the op level (any decoder), by batched reverse mode."""
+class _BatchUnsafe(Exception):
+    """The recorded forward selects rows by x-dependent indices: it cannot be replayed on a batch."""
+
+
+def _op_sweep_allowed(lin, method: str) -> str:
+    """The forward sweep replays one recorded forward on a batch: not where frozen indices select rows (MoE)."""
+    if method == "forward" and not lin.batch_safe:
+        raise _BatchUnsafe
+    return method
+
+
+def _op_with_fallback(run, requested: str, chosen: str):
+    """run(chosen); where the forward sweep cannot replay this model, reverse mode (or a clear refusal if asked)."""
+    try:
+        return run(chosen)
+    except (_BatchUnsafe, ReplayError):
+        if requested == "forward":
+            raise UnsupportedModelError(
+                "the forward sweep replays the recorded forward on a batch of basis vectors, which this model does not "
+                "allow (x-dependent indices select rows, as in MoE routing, or frozen values are flattened with the "
+                "batch); use method='reverse' or 'auto'") from None
+        return run("reverse")
+
+
+def _op_layerwise(model, tokenizer, token_ids, x0, layers, components, position, mlp_split, method, chunk_size,
+                  progress):
+    """Layer-wise J⁺ at the op level (any decoder): replayed basis sweeps (full length), or reverse mode."""
     parts, n_tokens, start = decoder_parts(model), len(token_ids), time.perf_counter()
+    keys = [(ell, c) for ell in layers for c in components]
     targets, bias, layer_inputs, jac, stacked = {}, {}, [], {}, None
     with linearized(model, mlp_split=mlp_split) as lin:
-        with torch.no_grad(), _Trace(parts, layers, components, stop=True) as trace:
+        with lin.recording(), torch.no_grad(), _Trace(parts, layers, components, stop=True) as trace:
             parts.decoder(inputs_embeds=x0[None].clone(), use_cache=False)
-        for ell in tqdm(layers, desc="layer-wise J⁺ (reverse)", disable=not progress, leave=False):
+        method = _op_sweep_allowed(lin, method)
+        lin.finish_record([trace.outputs[k] for k in keys])
+        for ell in tqdm(layers, desc=f"layer-wise J⁺ ({method})", disable=not progress, leave=False):
             hidden, kwargs = trace.layer_inputs[ell]
             run = _LayerRun(parts, ell, components, kwargs)
-            h = hidden.detach().clone().requires_grad_(True)
-            outs = run(h, position)
+            layer_inputs.append(hidden[0].detach())
+            d_out, d_in = trace.outputs[(ell, components[0])].shape[-1], hidden.shape[-1]
             if stacked is None:
-                stacked, jac = _allocate(layers, components, (outs[components[0]].shape[-1], n_tokens, h.shape[-1]),
-                                         x0.dtype)
-            h0 = hidden.detach().clone()
-            lin.mark_live(h0)
-            c = _additive_term(model, run, h0, position)
-            layer_inputs.append(h0[0])
+                stacked, jac = _allocate(layers, components, (d_out, n_tokens, d_in), x0.dtype)
+            if method == "reverse":
+                h = hidden.detach().clone().requires_grad_(True)
+                outs = run(h, position)
+                h0 = hidden.detach().clone()
+                lin.mark_live(h0)
+                c = _additive_term(model, run, h0, position)
+                for comp in components:
+                    lin.check_linear(outs[comp], f"the {comp} output of layer {ell}")
+                    targets[(ell, comp)], bias[(ell, comp)] = outs[comp][0].detach(), None if c is None else c[comp]
+                    jac[(ell, comp)].copy_(reverse_jacobian(outs[comp][0], h, min(64, d_out), False, "")[:, 0])
+                continue
             for comp in components:
-                lin.check_linear(outs[comp], f"the {comp} output of layer {ell}")
-                targets[(ell, comp)] = outs[comp][0].detach()
-                bias[(ell, comp)] = None if c is None else c[comp]
-                jac[(ell, comp)].copy_(reverse_jacobian(outs[comp][0], h, min(64, outs[comp].shape[-1]), False, "")[:, 0])
+                targets[(ell, comp)] = trace.outputs[(ell, comp)][0, position].detach()
+            zero = torch.zeros_like(hidden)
+            lin.mark_live(zero)
+            with lin.replay(), torch.no_grad():
+                c = run(zero, position)
+            for comp in components:
+                bias[(ell, comp)] = c[comp][0] if _has_biases(model) else None
+            with torch.no_grad(), _without_biases(model):
+                for i, ks, basis in _causal_basis(position, d_in, chunk_size, x0.dtype):
+                    padded = torch.cat([basis.new_zeros(basis.shape[0], i, d_in), basis,
+                                        basis.new_zeros(basis.shape[0], n_tokens - position - 1, d_in)], 1)
+                    lin.mark_live(padded)
+                    with lin.replay():
+                        columns = run(padded, position)
+                    for comp in components:
+                        jac[(ell, comp)][:, i, ks] = columns[comp].T  # columns J⁺e_(i,k)
     has_bias = any(v is not None for v in bias.values())
     return _assemble("layerwise", layers, components, stacked, targets, bias if has_bias else None,
-                     torch.stack(layer_inputs), token_ids, tokenizer, False, "reverse", time.perf_counter() - start)
+                     torch.stack(layer_inputs), token_ids, tokenizer, False, method, time.perf_counter() - start)
 
 
 def _has_adapter(model: nn.Module) -> bool:
@@ -476,14 +542,6 @@ def _has_adapter(model: nn.Module) -> bool:
     except UnsupportedModelError:
         return False
     return True
-
-
-def _op_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "forward":
-        raise UnsupportedModelError("the forward sweep replays recorded factors through a family adapter, which this "
-                                    "architecture has not; use method='reverse' (or 'auto')")
 
 
 def _allocate(layers, components, shape, dtype) -> tuple[dict, dict]:

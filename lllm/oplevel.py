@@ -49,7 +49,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .errors import CoverageError, UnsupportedModelError
+from .errors import CoverageError, LinearizationError, ReplayError, UnsupportedModelError
 
 C, F, L, A, N = "C", "F", "L", "A", "N"
 LIVE = (L, A, N)
@@ -128,6 +128,21 @@ class OpLinearization:
     live_inputs: list = field(default_factory=list)  # tensors tagged L on entry to the outermost forward
     stack: list = field(default_factory=list)  # module paths of the forwards under way
     additive: list = field(default_factory=list)  # (module, attribute name): biases and position tables
+    float64: bool = False  # a float64 model: nothing is cast below float64
+    # Record/replay: a recorded forward keeps each live op's frozen values under (module path, n-th live op
+    # there); a replayed forward applies them to other inputs (a batch of basis vectors), skipping every op
+    # that only feeds frozen values (Q, K, RoPE, the scores, the activation's branch), so the network is one
+    # fixed linear map. start/stop cut the token axes of the replayed values (the causal token window).
+    record: bool = False
+    replaying: bool = False
+    start: int = 0
+    stop: int | None = None
+    entries: dict = field(default_factory=dict)  # key -> _Entry
+    counters: Counter = field(default_factory=Counter)  # module path -> live ops seen in this pass
+    producer: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)  # tensor -> key of its op
+    deps: dict = field(default_factory=dict)  # key -> keys whose outputs it reads live
+    needed: set | None = None  # keys a replay must compute; the others run on the meta device
+    batch_safe: bool = True  # False when x-dependent indices select live rows (MoE): no batched replay
 
     def tag(self, t) -> str:
         """The tag of tensor `t` (untracked tensors are constants)."""
@@ -148,6 +163,41 @@ class OpLinearization:
                 f"({_TAG_MEANING[tag]}); the detached Jacobian would not reproduce it. Ops frozen: "
                 f"{dict(self.frozen)}."
             )
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Record the frozen values of the forwards run inside (then call `finish_record`)."""
+        self.entries.clear(), self.deps.clear(), self.counters.clear()
+        self.producer, self.needed, self.record, self.batch_safe = WeakIdKeyDictionary(), None, True, True
+        try:
+            yield
+        finally:
+            self.record = False
+
+    def finish_record(self, outputs) -> None:
+        """Mark what a replay must compute: every op that `outputs` read live, back to the inputs."""
+        frontier = [self.producer[t] for t in outputs if t in self.producer]
+        needed: set = set()
+        while frontier:
+            key = frontier.pop()
+            if key not in needed:
+                needed.add(key)
+                frontier.extend(self.deps.get(key, ()))
+        self.needed = needed
+
+    @contextmanager
+    def replay(self, start: int = 0, stop: int | None = None) -> Iterator[None]:
+        """One replayed pass: the recorded frozen values, their token axes cut to tokens start…stop-1."""
+        if self.needed is None:
+            raise LinearizationError("nothing is recorded to replay; run a forward under recording() first")
+        self.replaying, self.start, self.stop = True, start, stop
+        self.counters.clear()
+        try:
+            yield
+        except RuntimeError as error:  # a recorded batch-1 value reshaped with the batch (Falcon's ALiBi scores)
+            raise ReplayError(f"the recorded forward cannot be replayed on this batch ({error})") from error
+        finally:
+            self.replaying, self.start, self.stop = False, 0, None
 
     @property
     def split(self) -> str:
@@ -217,12 +267,16 @@ class _Mode(TorchFunctionMode):
             result = func(*args, **kwargs)
             if name in PASS and lin.tag(args[0] if args else None) in LIVE:
                 self._tag(result, lin.tag(args[0]))  # y = out[0, position] keeps its tag
+                if args[0] in lin.producer:  # and its producer, for what a replay must compute
+                    for t in tree_flatten(result)[0]:
+                        if isinstance(t, torch.Tensor):
+                            lin.producer[t] = lin.producer[args[0]]
             return result
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         tags = [self._checked_tag(t, name) for t in tensors]
         live = [t for t, tag in zip(tensors, tags) if tag in LIVE]
         wide = self._float64(tensors, tags)
-        if name in CASTS and args and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64:
+        if lin.float64 and name in CASTS and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64:
             wide = True  # a float64 weight cast down (Gemma's weight.float()) would round what meets x
         if wide and name in CASTS:
             return self._keep_float64(func, args, kwargs)
@@ -230,7 +284,26 @@ class _Mode(TorchFunctionMode):
             args, kwargs = self._upcast(args, kwargs)
         if not live:  # constants and frozen values only: run untouched, whatever the op is
             result = func(*args, **kwargs)
+            if lin.record:  # what it reads from frozen values must be computed by a replay too
+                self._record_frozen_only(tensors, result)
             return self._tag(result, F if F in tags else C)
+        key = None
+        if lin.record or lin.replaying:  # a live op: the n-th in its module, in record and replay alike
+            path = lin.stack[-1]
+            key, lin.counters[path] = (path, lin.counters[path]), lin.counters[path] + 1
+        if lin.replaying:
+            replayed = self._replay(func, args, kwargs, name, key, tensors)
+            if replayed is not _RUN:
+                return replayed
+        self.pending = None
+        result = self._dispatch(func, args, kwargs, name, tags, wide)
+        if lin.record:
+            self._record(key, name, tensors, args, result)
+        return result
+
+    def _dispatch(self, func, args, kwargs, name, tags, wide):
+        """Apply the op table to an op that sees a live tensor."""
+        lin = self.lin
         base = name[:-1] if name.endswith("_") and not name.endswith("__") else name
         inplace = base != name or name in ("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__")
         if name in CONSTRUCTORS:
@@ -254,13 +327,108 @@ class _Mode(TorchFunctionMode):
                 self._refuse(name, "an in-place nonlinear op rewrites a live tensor that autograd has saved")
             if name in ("softmax", "log_softmax", "_softmax") and wide and kwargs.get("dtype") is not None:
                 kwargs = {**kwargs, "dtype": torch.float64}
-            result = func(*args, **kwargs)
+            result = tree_map(_plain, func(*args, **kwargs))
             lin.frozen[name] += 1
-            return self._tag(tree_map(_plain, result), F)
+            self._note("frozen", {"out": result}, exclude=args_tensors(args, kwargs))
+            return self._tag(result, F)
         result = func(*args, **kwargs)
         if not [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]:
             return result  # .item(), bool(), size(): a frozen decision or metadata
         self._refuse(name, "it is not in lllm's op table")
+
+    # -- record and replay -------------------------------------------------------------------------
+
+    def _note(self, kind: str, values: dict, tag: str | None = None, exclude=()) -> None:
+        """What a rule froze for this op, kept when recording: how to replay it, and which inputs it froze."""
+        if self.lin.record:
+            self.pending = {"kind": kind, "values": values, "tag": tag, "exclude": {id(t) for t in exclude}}
+
+    def _record(self, key, name: str, tensors, args, result) -> None:
+        lin, pending = self.lin, self.pending or {"kind": "plain", "values": {}, "tag": None, "exclude": set()}
+        lin.entries[key] = _Entry(name, pending["kind"], pending["values"], pending["tag"])
+        lin.deps[key] = {lin.producer[t] for t in tensors if id(t) not in pending["exclude"] and t in lin.producer}
+        for t in tree_flatten(result)[0]:
+            if isinstance(t, torch.Tensor):
+                lin.producer[t] = key
+        target = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if target is not None and (name == "__setitem__" or name.startswith("__i") or
+                                   (name.endswith("_") and not name.endswith("__"))):
+            while target is not None:  # an in-place write: the target (and what it views) now comes from here
+                lin.producer[target] = key
+                target = target._base
+
+    def _record_frozen_only(self, tensors, result) -> None:
+        """An op on constants and frozen values: not replayed as such, but the keys it reads stay needed."""
+        lin = self.lin
+        sources = {lin.producer[t] for t in tensors if t in lin.producer}
+        if sources:
+            key = ("~", len(lin.deps))
+            lin.deps[key] = sources
+            for t in tree_flatten(result)[0]:
+                if isinstance(t, torch.Tensor):
+                    lin.producer[t] = key
+
+    def _replay(self, func, args, kwargs, name, key, tensors):
+        try:
+            return self._replay_op(func, args, kwargs, name, key, tensors)
+        except RuntimeError as error:  # a recorded value that does not broadcast to the batch (flattened tokens)
+            raise ReplayError(f"op {name!r} of {key[0]!r} cannot be replayed on this batch ({error})") from error
+
+    def _replay_op(self, func, args, kwargs, name, key, tensors):
+        """The recorded op at `key` applied to this pass's inputs; _RUN when it is linear and simply runs."""
+        lin = self.lin
+        entry = lin.entries.get(key)
+        if entry is None or entry.name != name:
+            raise ReplayError(
+                f"the replayed forward diverged from the recorded one at op {key[1]} of module {key[0]!r}: recorded "
+                f"{entry.name if entry else 'nothing'!r}, now {name!r}; use the reverse method for this model")
+        if key not in lin.needed:  # it only feeds frozen values: shapes are enough
+            return self._dead(func, args, kwargs)
+        kind, values, start = entry.kind, entry.values, lin.start
+        if kind == "plain" and any(t.is_meta for t in tensors):  # frozen kinds read only their live inputs
+            raise ReplayError(f"op {name!r} of {key[0]!r} needs a value the replay skipped: a frozen value was "
+                                     "recorded on a path the analysis missed; use the reverse method")
+        if kind == "frozen":
+            shapes = self._dead(func, args, kwargs)
+            out = tree_map(lambda v, m: _narrow(v, m.shape, start) if isinstance(v, torch.Tensor) else v,
+                           values["out"], shapes)
+            return self._tag(out, F)
+        if kind == "activation":
+            h = args[0]
+            return self._tag(h * _narrow(values["g"], h.shape, start), A)
+        if kind == "norm":
+            h, _, weight, bias, _ = _norm_arguments(values["name"], args, kwargs)
+            inv = _narrow(values["inv"], h.shape, start)
+            live = (h - h.mean(values["dims"], keepdim=True)) * inv if values["center"] else h * inv
+            live = live if weight is None else live * weight
+            return self._tag(live if bias is None else live + bias, entry.tag)
+        if kind == "sdpa":
+            bound = _sdpa_arguments(args, kwargs)
+            q, k, v = bound["query"], bound["key"], bound["value"]
+            probs = _narrow(values["P"], (*q.shape[:-1], k.shape[-2]), start)
+            if v.shape[-3] != probs.shape[-3]:
+                v = v.repeat_interleave(probs.shape[-3] // v.shape[-3], -3)
+            return self._tag(probs.to(v.dtype) @ v, L)
+        if kind == "substitute":
+            args, kwargs = _mutable(args, kwargs)
+            for slot, value in values.items():
+                _put(args, kwargs, slot, _narrow(value, _get(args, kwargs, slot).shape, start))
+            return self._tag(func(*args, **kwargs), entry.tag)
+        return _RUN
+
+    def _dead(self, func, args, kwargs):
+        """The op on the meta device: its result's shape and dtype without its arithmetic. Metadata (a shape, a
+        dtype) is the same as the real one; a device is the model's, so that what is made from it is real."""
+        meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) and not t.is_meta else t  # noqa: E731
+        result = func(*tree_map(meta, args), **tree_map(meta, kwargs))
+        if isinstance(result, torch.device) and result.type == "meta":
+            return next(self.lin.model.parameters()).device
+        return self._tag(result, N)
+
+    def _note_indices(self, tensors) -> None:
+        """x-dependent integer indices selecting live rows (MoE routing) tie the replay to batch 1."""
+        if any(not t.is_floating_point() and self.lin.tag(t) == F for t in tensors):
+            self.lin.batch_safe = False
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
@@ -323,32 +491,34 @@ class _Mode(TorchFunctionMode):
             self._refuse(name, "a live tensor reaches an argument in which the op is not linear")
         if name == "dropout" and (kwargs.get("training", args[2] if len(args) > 2 else False)):
             self._refuse(name, "dropout in training mode is random")
-        if name == "detach":
-            return self._tag(func(*args, **kwargs), F)
+        self._note_indices(others)
         result = func(*args, **kwargs)
+        if name == "detach":
+            self._note("frozen", {"out": result}, exclude=[source])
+            return self._tag(result, F)
         return self._tag(result, lin.tag(source))
 
     def _product(self, func, args, kwargs, name):
         lin = self.lin
-        args, kwargs = list(args), dict(kwargs)
+        args, kwargs = _mutable(args, kwargs)
         if name == "einsum":  # einsum(eq, *operands) or einsum(eq, [operands])
-            nested = len(args) == 2 and isinstance(args[1], (list, tuple))
-            operands = list(args[1]) if nested else args[1:]
-            slots = [("e", i) for i in range(len(operands))]
+            n = len(args[1]) if len(args) == 2 and isinstance(args[1], list) else len(args) - 1
+            slots = [("e", i) for i in range(n)]
         else:
             positions, keys = PRODUCTS[name]
             slots = [("a", i) for i in positions if i < len(args)] + [("k", k) for k in keys if k in kwargs]
-        get = lambda slot: operands[slot[1]] if slot[0] == "e" else (args if slot[0] == "a" else kwargs)[slot[1]]
+        factors = [s for s in slots if lin.tag(_get(args, kwargs, s)) in LIVE]
+        tags = {s: lin.tag(_get(args, kwargs, s)) for s in factors}
+        frozen: dict = {}
 
         def freeze(slot):
-            store = operands if slot[0] == "e" else (args if slot[0] == "a" else kwargs)
-            store[slot[1]] = store[slot[1]].detach()
+            operand = _get(args, kwargs, slot)
+            frozen[slot] = (operand, operand.detach())
+            _put(args, kwargs, slot, frozen[slot][1])
+            factors.remove(slot)
 
-        factors = [s for s in slots if lin.tag(get(s)) in LIVE]
-        tags = {s: lin.tag(get(s)) for s in factors}
         if name in DIVISIONS and len(slots) > 1 and slots[1] in factors:  # a live denominator: a reciprocal
             freeze(slots[1])
-            factors.remove(slots[1])
             lin.frozen["reciprocal"] += 1
         if len(factors) >= 2:
             for kind in (N, A if lin.mlp_split == "activation" else L):
@@ -356,9 +526,7 @@ class _Mode(TorchFunctionMode):
                     if len(factors) < 2:
                         break
                     freeze(s)
-                    factors.remove(s)
                     lin.splits[_split_name(kind, tags[factors[0]])] += 1
-        froze_live = len(tags) > len(factors)
         if len(factors) >= 2:
             tag = N  # two live factors: Q·Kᵀ
         elif not factors:
@@ -366,12 +534,14 @@ class _Mode(TorchFunctionMode):
         elif name not in ELEMENTWISE_PRODUCTS:
             tag = L if tags[factors[0]] in (L, A) else tags[factors[0]]
         else:  # h·g(h) with g frozen, such as x·tanh(x) written out: an activation's output
-            tag = A if froze_live and tags[factors[0]] in (L, A) else tags[factors[0]]
-        if name == "einsum":
-            args = [args[0], operands] if nested else [args[0], *operands]
+            tag = A if frozen and tags[factors[0]] in (L, A) else tags[factors[0]]
         if name in ("linear", "addmm", "baddbmm", "conv1d"):
-            return self._with_additive(func, args, kwargs, name, tag)
-        return self._tag(func(*args, **kwargs), tag)
+            tag, result = self._with_additive(func, args, kwargs, name, tag)
+        else:
+            result = func(*args, **kwargs)
+        if frozen:
+            self._note("substitute", {s: v for s, (_, v) in frozen.items()}, tag, exclude=[o for o, _ in frozen.values()])
+        return self._tag(result, tag)
 
     def _with_additive(self, func, args, kwargs, name, product_tag):
         """linear/conv1d/addmm/baddbmm: a product plus an additive term (bias, or addmm's and baddbmm's input)."""
@@ -388,17 +558,23 @@ class _Mode(TorchFunctionMode):
             tag = N  # an x-dependent product beside a bias: not homogeneous
         else:
             tag = L if (L in (product_tag, extra_tag) or A in (product_tag, extra_tag)) else product_tag
-        return self._tag(result, tag)
+        return tag, result
 
     def _additive(self, func, args, kwargs, name):
         lin = self.lin
         if name == "where" and len(args) == 1:  # where(cond): the indices of a frozen decision
-            return self._tag(tree_map(_plain, func(*args, **kwargs)), F)
-        if name == "where" and lin.tag(args[0]) in LIVE:
-            args = (args[0].detach(), *args[1:])  # a live condition is a frozen decision
+            result = tree_map(_plain, func(*args, **kwargs))
+            self._note("frozen", {"out": result}, exclude=args_tensors(args, kwargs))
+            return self._tag(result, F)
+        if name == "where" and lin.tag(args[0]) in LIVE:  # a live condition is a frozen decision
+            condition = args[0]
+            args = (condition.detach(), *args[1:])
+            self._note("substitute", {("a", 0): args[0]}, None, exclude=[condition])
         if name in ("masked_fill", "masked_fill_") and lin.tag(args[1]) in LIVE:
             self._refuse(name, "the mask depends on x")
-        tags = {lin.tag(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        self._note_indices(tensors)
+        tags = {lin.tag(t) for t in tensors}
         inplace = name == "__setitem__" or name.startswith("__i") or (name.endswith("_") and not name.endswith("__"))
         if N in tags:
             tag = N
@@ -411,6 +587,8 @@ class _Mode(TorchFunctionMode):
                 self._refuse(name, "lllm has no out-of-place form to check its constant part")
             constant = outplace(*_zeros_for_live(lin, args), **_zeros_for_live(lin, kwargs))
             tag = N if _nonzero(constant) else L
+        if self.pending is not None:
+            self.pending["tag"] = tag
         result = func(*args, **kwargs)
         if inplace:
             target = args[0]
@@ -431,26 +609,30 @@ class _Mode(TorchFunctionMode):
         if name in ("pow", "__pow__"):
             exponent = args[1] if len(args) > 1 else kwargs.get("exponent")
             if isinstance(exponent, torch.Tensor) or exponent < 1:
-                lin.frozen[name] += 1
-                return self._tag(func(*args, **kwargs).detach(), F)
+                return self._frozen_result(func, args, kwargs, name)
         if name in ("clamp", "clip", "hardtanh", "threshold") and not _keeps_zero(name, args, kwargs):
-            lin.frozen[name] += 1
-            return self._tag(func(*args, **kwargs).detach(), F)
+            return self._frozen_result(func, args, kwargs, name)
         if any(lin.tag(t) in LIVE for t in tree_flatten((args[1:], kwargs))[0] if isinstance(t, torch.Tensor)):
             self._refuse(name, "a live tensor reaches a parameter of the activation")
         value = func(*args, **kwargs)
         if lin.tag(h) == N:
             return self._tag(value, N)
         lin.frozen[name] += 1
-        return self._tag(_surrogate(value, h * _factor(name, h.detach(), value.detach(), kwargs)), A)
+        factor = _factor(name, h.detach(), value.detach(), kwargs)
+        self._note("activation", {"g": factor})
+        return self._tag(_surrogate(value, h * factor), A)
+
+    def _frozen_result(self, func, args, kwargs, name):
+        """A nonlinear op whose result is frozen whole (F)."""
+        self.lin.frozen[name] += 1
+        result = tree_map(_plain, func(*args, **kwargs))
+        self._note("frozen", {"out": result}, exclude=args_tensors(args, kwargs))
+        return self._tag(result, F)
 
     def _norm(self, func, args, kwargs, name):
         """Fused LayerNorm/RMSNorm: mean subtraction live, 1/std frozen."""
         lin = self.lin
-        h, shape = args[0], args[1]
-        weight = args[2] if len(args) > 2 else kwargs.get("weight")
-        bias = (args[3] if len(args) > 3 else kwargs.get("bias")) if name == "layer_norm" else None
-        eps = args[-1] if len(args) > (4 if name == "layer_norm" else 3) else kwargs.get("eps")
+        h, shape, weight, bias, eps = _norm_arguments(name, args, kwargs)
         if any(lin.tag(t) in LIVE for t in (weight,) if t is not None):
             self._refuse(name, "the norm's weight depends on x")
         value = func(*args, **kwargs)
@@ -458,13 +640,13 @@ class _Mode(TorchFunctionMode):
             return self._tag(value, N)
         dims = tuple(range(-len(shape), 0))
         hd = h.detach()
-        if name == "layer_norm":
-            eps = 1e-5 if eps is None else eps
-            inv = torch.rsqrt(hd.var(dims, unbiased=False, keepdim=True) + eps)
+        center = name == "layer_norm"
+        if center:
+            inv = torch.rsqrt(hd.var(dims, unbiased=False, keepdim=True) + (1e-5 if eps is None else eps))
             live = (h - h.mean(dims, keepdim=True)) * inv
         else:
-            eps = torch.finfo(h.dtype).eps if eps is None else eps
-            live = h * torch.rsqrt(hd.pow(2).mean(dims, keepdim=True) + eps)
+            inv = torch.rsqrt(hd.pow(2).mean(dims, keepdim=True) + (torch.finfo(h.dtype).eps if eps is None else eps))
+            live = h * inv
         live = live if weight is None else live * weight.detach()
         tag = L
         if bias is not None:
@@ -473,16 +655,16 @@ class _Mode(TorchFunctionMode):
             elif _nonzero(bias):
                 tag = N
         lin.frozen[name] += 1
+        self._note("norm", {"inv": inv, "dims": dims, "center": center, "name": name}, tag)
         return self._tag(_surrogate(value, live), tag)
 
     def _sdpa(self, func, args, kwargs):
         """scaled_dot_product_attention: P = softmax(QKᵀ·scale + mask) frozen, V live."""
         lin = self.lin
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-        bound = {**dict(zip(names, args)), **kwargs}
+        bound = _sdpa_arguments(args, kwargs)
         if bound.get("dropout_p", 0.0):
             self._refuse("scaled_dot_product_attention", "attention dropout is random")
-        q, k, v = (bound[n].detach() if n != "value" else bound[n] for n in ("query", "key", "value"))
+        q, k, v = bound["query"].detach(), bound["key"].detach(), bound["value"]
         mask = bound.get("attn_mask")
         if mask is not None and lin.tag(mask) in LIVE:
             self._refuse("scaled_dot_product_attention", "the attention mask depends on x")
@@ -502,7 +684,74 @@ class _Mode(TorchFunctionMode):
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         probs = torch.softmax(scores, dim=-1).detach()
         lin.frozen["scaled_dot_product_attention"] += 1
+        self._note("sdpa", {"P": probs}, L, exclude=[bound["query"], bound["key"]] + ([mask] if mask is not None else []))
         return self._tag(_surrogate(value, probs.to(v.dtype) @ v), L if v_tag in (L, A) else F)
+
+
+_RUN = object()  # _replay's answer for an op that is linear in its live inputs: run it as it is
+
+
+@dataclass
+class _Entry:
+    """One recorded live op: its name, how it was linearized, and the frozen values a replay applies."""
+
+    name: str
+    kind: str  # "plain", "frozen", "activation", "norm", "sdpa" or "substitute"
+    values: dict
+    tag: str | None
+
+
+def args_tensors(args, kwargs) -> list:
+    return [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+
+
+def _mutable(args, kwargs):
+    """args as a list (einsum's operand list copied too) and kwargs as a dict, for slot substitution."""
+    args = list(args)
+    if len(args) == 2 and isinstance(args[1], (list, tuple)):
+        args[1] = list(args[1])
+    return args, dict(kwargs)
+
+
+def _get(args, kwargs, slot):
+    kind, index = slot
+    if kind == "k":
+        return kwargs[index]
+    if kind == "e":
+        return args[1][index] if isinstance(args[1], list) else args[1 + index]
+    return args[index]
+
+
+def _put(args, kwargs, slot, value) -> None:
+    kind, index = slot
+    if kind == "k":
+        kwargs[index] = value
+    elif kind == "e" and isinstance(args[1], list):
+        args[1][index] = value
+    else:
+        args[1 + index if kind == "e" else index] = value
+
+
+def _narrow(value: torch.Tensor, shape, start: int) -> torch.Tensor:
+    """A recorded value cut to a replay's token window: every axis longer than `shape`'s (aligned from the right)
+    is a token axis, narrowed to tokens start…; size-1 and batch axes broadcast."""
+    for axis in range(-1, -min(value.dim(), len(shape)) - 1, -1):
+        if value.shape[axis] > shape[axis]:
+            value = value.narrow(axis, start, shape[axis])
+    return value
+
+
+def _norm_arguments(name: str, args, kwargs):
+    """(input, normalized_shape, weight, bias, eps) of layer_norm / rms_norm."""
+    names = ("input", "normalized_shape", "weight", "bias", "eps") if name == "layer_norm" else (
+        "input", "normalized_shape", "weight", "eps")
+    bound = {**dict(zip(names, args)), **kwargs}
+    return bound["input"], bound["normalized_shape"], bound.get("weight"), bound.get("bias"), bound.get("eps")
+
+
+def _sdpa_arguments(args, kwargs) -> dict:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    return {**dict(zip(names, args)), **kwargs}
 
 
 def _split_name(frozen_kind: str, other: str) -> str:
@@ -614,7 +863,8 @@ def linearized(model: nn.Module, *, mlp_split: str = "activation") -> Iterator[O
     if getattr(model, "_lllm_detached", False):
         raise UnsupportedModelError("model is already inside an lllm linearization; nesting is not supported")
     audit_modules(model)
-    lin = OpLinearization(model=model, mlp_split=mlp_split, additive=additive_parameters(model))
+    lin = OpLinearization(model=model, mlp_split=mlp_split, additive=additive_parameters(model),
+                          float64=any(p.dtype == torch.float64 for p in model.parameters()))
     paths = {module: path for path, module in model.named_modules()}
     handles, grads = [], [(p, p.requires_grad) for p in model.parameters()]
 

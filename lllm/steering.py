@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from .errors import LLLMError
 from .generation import greedy_continuation, next_token_logits
 from .jacobian import embed, tokenize
+from .families import decoder_parts
 from .layers import _causal_basis, _check_result_fits, _has_biases, _Trace, _without_biases
 from .linearize import detached
 
@@ -69,7 +70,7 @@ def _resolve_layer(model: nn.Module, layer: int | None) -> int:
 
 def _layer_output(model: nn.Module, layer: int, inputs_embeds: torch.Tensor) -> torch.Tensor:
     """f_L: (B, T, d), the output of decoder layer `layer` for inputs_embeds (B, T, d); later layers are skipped."""
-    with _Trace(model, [layer], ("layer",), stop=True) as trace:
+    with _Trace(decoder_parts(model), [layer], ("layer",), stop=True) as trace:
         model.get_decoder()(inputs_embeds=inputs_embeds, use_cache=False)
     return trace.outputs[(layer, "layer")]
 

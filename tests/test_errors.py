@@ -40,12 +40,18 @@ def test_non_eager_attention_is_refused_by_the_adapters(impl):
         lllm.cumulative_jacobians(model, TOK, "1 2 3", progress=False)
 
 
-def test_architecture_without_an_adapter_is_refused_by_the_layer_readouts():
-    import transformers as T
+def test_layer_readouts_refuse_an_unknown_op_at_its_line():
+    from lllm.zoo import tiny_architecture
 
-    config = T.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, attn_implementation="eager")
-    with pytest.raises(UnsupportedModelError, match="gpt2"):
-        lllm.cumulative_jacobians(T.GPT2LMHeadModel(config).eval(), TOK, "1 2 3", progress=False)
+    model = tiny_architecture("gpt2")
+    model.transformer.h[0].mlp.act = SpecialI0().eval()  # torch.special.i0: no entry in the op table
+    with pytest.raises(CoverageError, match=r"i0.*transformer\.h\.0\.mlp"):
+        lllm.cumulative_jacobians(model, TOK, "1 2 3", progress=False)
+
+
+class SpecialI0(nn.Module):
+    def forward(self, x):
+        return torch.special.i0(x)
 
 
 def test_training_mode_is_refused():
