@@ -2,8 +2,9 @@
 
     OMP_NUM_THREADS=1 python benchmarks/oplevel_cost.py [--model smollm2-135m] [--tokens 7] [--reps 3]
 
-Times the final J⁺ (one forward, batched reverse rows, c) both ways, alternating, and reports medians, their
-ratio, and how far the two J⁺ differ. The forward sweep (layer readouts) still runs on the adapters.
+Times, both ways and alternating: the final J⁺ (one forward, batched reverse rows, c), and the cumulative forward
+sweep (every layer, layer/attention/MLP outputs, replayed network on basis vectors). Reports medians, their ratio,
+and how far the two results differ.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import torch
 
 import lllm
+from lllm import layers
 from lllm.jacobian import bias_term, embed, final_hidden, reverse_jacobian
 from lllm.linearize import detached
 
@@ -32,30 +34,48 @@ def adapter_jacobian(model, ids):
     return jac
 
 
+def sweep(model, ids, op_level: bool):
+    """The cumulative forward sweep through the op-level replay (op_level) or the family adapter's replay."""
+    original = layers._has_adapter
+    layers._has_adapter = (lambda model: False) if op_level else original
+    try:
+        return lllm.cumulative_jacobians(model, None, ids, method="forward", progress=False)
+    finally:
+        layers._has_adapter = original
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tokens", type=int, default=7)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--sweep-reps", type=int, default=1)
     args = parser.parse_args()
     model, tokenizer = lllm.load(args.model)
     ids = tokenizer(PROMPT)["input_ids"][: args.tokens]
-    times = {"op-level": [], "adapter": []}
-    results = {}
-    for _ in range(args.reps):  # alternate, so that both see the same machine load
-        start = time.perf_counter()
-        results["op-level"] = lllm.detached_jacobian(model, tokenizer, ids, progress=False).jacobian
-        times["op-level"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        results["adapter"] = adapter_jacobian(model, ids)
-        times["adapter"].append(time.perf_counter() - start)
-    medians = {k: statistics.median(v) for k, v in times.items()}
-    diff = ((results["op-level"] - results["adapter"]).norm() / results["adapter"].norm()).item()
-    print(f"model {args.model}, T = {len(ids)}, torch threads {torch.get_num_threads()}, {args.reps} alternating reps")
-    for k, v in times.items():
-        print(f"  final J⁺, {k:9s} median {medians[k]:.2f} s   ({', '.join(f'{t:.2f}' for t in v)})")
-    print(f"  ratio op-level / adapter: {medians['op-level'] / medians['adapter']:.3f}")
-    print(f"  ‖J⁺(op-level) − J⁺(adapter)‖ / ‖J⁺(adapter)‖ = {diff:.2e}")
+    print(f"model {args.model}, T = {len(ids)}, torch threads {torch.get_num_threads()}")
+    cases = {
+        "final J⁺": (args.reps, lambda: lllm.detached_jacobian(model, tokenizer, ids, progress=False).jacobian,
+                     lambda: adapter_jacobian(model, ids)),
+        "cumulative forward sweep": (args.sweep_reps, lambda: sweep(model, ids, True), lambda: sweep(model, ids, False)),
+    }
+    for case, (reps, op_level, adapter) in cases.items():
+        times, results = {"op-level": [], "adapter": []}, {}
+        for _ in range(reps):  # alternate, so that both see the same machine load
+            for name, fn in (("op-level", op_level), ("adapter", adapter)):
+                start = time.perf_counter()
+                results[name] = fn()
+                times[name].append(time.perf_counter() - start)
+        medians = {k: statistics.median(v) for k, v in times.items()}
+        for k, v in times.items():
+            print(f"  {case}, {k:9s} median {medians[k]:.2f} s   ({', '.join(f'{t:.2f}' for t in v)})")
+        print(f"  {case}: ratio op-level / adapter {medians['op-level'] / medians['adapter']:.3f}")
+        a, b = results["op-level"], results["adapter"]
+        if isinstance(a, torch.Tensor):
+            print(f"  ‖op-level − adapter‖ / ‖adapter‖ = {((a - b).norm() / b.norm()).item():.2e}")
+        else:
+            gap = max(((a.jacobian[c] - b.jacobian[c]).norm() / b.jacobian[c].norm()).item() for c in a.jacobian)
+            print(f"  max over components ‖op-level − adapter‖ / ‖adapter‖ = {gap:.2e}")
 
 
 if __name__ == "__main__":

@@ -185,6 +185,16 @@ class OpLinearization:
                 frontier.extend(self.deps.get(key, ()))
         self.needed = needed
 
+    def recorded(self) -> Recording:
+        """What the last recording froze, to replay in a later `linearized` context of the same model."""
+        if self.needed is None:
+            raise LinearizationError("nothing is recorded; run a forward under recording() and finish_record()")
+        return Recording(dict(self.entries), set(self.needed), self.batch_safe)
+
+    def load(self, recording: Recording) -> None:
+        """Replay `recording` (from `recorded()`) in this context."""
+        self.entries, self.needed, self.batch_safe = dict(recording.entries), set(recording.needed), recording.batch_safe
+
     @contextmanager
     def replay(self, start: int = 0, stop: int | None = None) -> Iterator[None]:
         """One replayed pass: the recorded frozen values, their token axes cut to tokens start…stop-1."""
@@ -209,6 +219,15 @@ class OpLinearization:
     def report(self) -> dict:
         """What was frozen, for results' metadata and the supported-architectures page."""
         return {"frozen_ops": dict(sorted(self.frozen.items())), "split": self.split}
+
+
+@dataclass(frozen=True)
+class Recording:
+    """The frozen values of one recorded forward: replayed, the model is one fixed linear (affine) map."""
+
+    entries: dict
+    needed: set
+    batch_safe: bool
 
 
 _TAG_MEANING = {C: "constant", F: "a frozen, detached quantity", L: "linear", A: "linear",

@@ -42,24 +42,24 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import LLLMError
+from .errors import LLLMError, UnsupportedModelError
 from .generation import greedy_continuation, next_token_logits
-from .jacobian import embed, tokenize
+from .jacobian import embed, text_config, tokenize
 from .families import decoder_parts
 from .layers import _causal_basis, _check_result_fits, _has_biases, _Trace, _without_biases
-from .linearize import detached
+from .oplevel import Recording, linearized
 
 DEFAULT_LAMS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.0)
 
 
 def default_layer(model: nn.Module) -> int:
     """round(2/3 · n_layers), the paper's intervention depth (24/36, 33/48), as a 0-based layer index."""
-    n_layers = model.config.num_hidden_layers
+    n_layers = text_config(model).num_hidden_layers
     return min(n_layers - 1, round(2 * n_layers / 3))
 
 
 def _resolve_layer(model: nn.Module, layer: int | None) -> int:
-    n_layers = model.config.num_hidden_layers
+    n_layers = text_config(model).num_hidden_layers
     if layer is None:
         return default_layer(model)
     if not isinstance(layer, int) or not -n_layers <= layer < n_layers:
@@ -87,7 +87,7 @@ class SteeringOperator:
     output: torch.Tensor  # (T_c, d): f_L(x_steer) from the detached forward (= J⁺_L x_steer + c_L)
     bias: torch.Tensor | None  # (T_c, d): c_L, the image of the biases; None for bias-free models
     mlp_split: str = "activation"
-    factors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # frozen at x_steer, layers ≤ L
+    recording: Recording | None = field(default=None, repr=False)  # frozen at x_steer, layers ≤ L
 
     @property
     def n_tokens(self) -> int:
@@ -96,9 +96,14 @@ class SteeringOperator:
 
     def _replay(self, inputs_embeds: torch.Tensor, start: int = 0) -> torch.Tensor:
         """The concept's affine layer-L map on its tokens start…T_c-1, applied to a batch (B, T_c - start, d)."""
-        with detached(self.model, mlp_split=self.mlp_split) as lin, torch.no_grad():
-            lin.factors, lin.replay, lin.start = self.factors, True, start
-            return _layer_output(self.model, self.layer, inputs_embeds)
+        with linearized(self.model, mlp_split=self.mlp_split) as lin, torch.no_grad():
+            lin.load(self.recording)
+            if inputs_embeds.shape[0] > 1 and not lin.batch_safe:
+                raise UnsupportedModelError("this model selects rows by x-dependent indices (MoE routing): its concept "
+                                            "map can be applied to one input at a time, not to a batch")
+            lin.mark_live(inputs_embeds)
+            with lin.replay(start):
+                return _layer_output(self.model, self.layer, inputs_embeds)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """J⁺_L x + c_L for the last W = min(T, T_c) rows of inputs x: (T, d), right-aligned: (W, d)."""
@@ -128,13 +133,17 @@ def concept_operator(
     layer = _resolve_layer(model, layer)
     token_ids = tokenize(tokenizer, concept)
     x = embed(model, token_ids)  # (T_c, d)
-    with detached(model, mlp_split=mlp_split, record=True) as lin, torch.no_grad():
-        output = _layer_output(model, layer, x[None])[0]
-        lin.replay = True
-        bias = _layer_output(model, layer, torch.zeros_like(x)[None])[0] if _has_biases(model) else None
+    with linearized(model, mlp_split=mlp_split) as lin, torch.no_grad():
+        with lin.recording():
+            output = _layer_output(model, layer, x[None].clone())
+        lin.check_linear(output, f"the output of layer {layer}")
+        lin.finish_record([output])
+        with lin.replay():  # the affine map at x = 0: c_L, independently of the output
+            bias = _layer_output(model, layer, torch.zeros_like(x)[None])[0] if _has_biases(model) else None
+        recording = lin.recorded()
     tokens = [tokenizer.decode([i]) for i in token_ids]
     return SteeringOperator(model=model, layer=layer, token_ids=token_ids, tokens=tokens, inputs=x,
-                            output=output.detach(), bias=bias, mlp_split=mlp_split, factors=lin.factors)
+                            output=output[0].detach(), bias=bias, mlp_split=mlp_split, recording=recording)
 
 
 def _check_lam(lam: float) -> float:

@@ -8,6 +8,7 @@ import transformers as T
 
 import lllm
 from lllm import oplevel
+from lllm.layers import COMPONENTS
 from lllm.oplevel import linearized
 from tiny import (
     ARCHITECTURES, COMMON, FAMILY_CONFIGS, IdsTokenizer, check_architecture, lm_head_reads, randomize, tiny_architecture,
@@ -304,10 +305,33 @@ def test_layer_readouts_of_any_decoder_are_exact_and_end_at_the_final_jacobian(a
     assert torch.equal(cumulative.output["layer"][-1], final.output)
 
 
+# The forward sweep replays one recorded forward on a batch of basis vectors; these select rows by x-dependent
+# indices (MoE routing) or flatten the batch into the token axis (OPT) or reshape frozen scores with the batch
+# (Falcon's and Bloom's ALiBi): method="auto" takes reverse mode there, method="forward" is refused.
+NO_BATCHED_REPLAY = {"mixtral", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "opt", "falcon_alibi", "bloom"}
+
+
+@pytest.mark.parametrize("position", [-1, 3], ids=["last", "middle"])
+@pytest.mark.parametrize("arch", sorted(set(WITHOUT_ADAPTER) - NO_BATCHED_REPLAY))
+def test_op_level_forward_sweep_equals_reverse_mode(arch, position):
+    """The replayed network (frozen values of one recorded forward, causal token window) against reverse mode."""
+    model = tiny_architecture(arch, torch.float64)
+    short = " ".join(PROMPT.split()[:7])
+    for compute in (lllm.cumulative_jacobians, lllm.layerwise_jacobians):
+        fwd = compute(model, TOK, short, position=position, method="forward", chunk_size=20, progress=False)
+        rev = compute(model, TOK, short, position=position, method="reverse", progress=False)
+        assert (fwd.method, rev.method) == ("forward", "reverse")
+        for comp in COMPONENTS:
+            torch.testing.assert_close(fwd.jacobian[comp], rev.jacobian[comp], rtol=0, atol=1e-10)
+            if fwd.bias is not None:
+                torch.testing.assert_close(fwd.bias[comp], rev.bias[comp], rtol=0, atol=1e-12)
+
+
 def test_layer_readouts_refuse_what_the_op_level_path_cannot_give():
-    model = tiny_architecture("gpt2")
-    with pytest.raises(lllm.UnsupportedModelError, match="forward sweep"):
+    model = tiny_architecture("mixtral")
+    with pytest.raises(lllm.UnsupportedModelError, match="forward sweep.*MoE"):
         lllm.cumulative_jacobians(model, TOK, PROMPT, method="forward", progress=False)
+    assert lllm.cumulative_jacobians(model, TOK, PROMPT, method="auto", progress=False).method == "reverse"
     with pytest.raises(lllm.UnsupportedModelError, match="'mlp' submodule"):
         lllm.layerwise_jacobians(tiny_architecture("opt"), TOK, PROMPT, components=["mlp"], progress=False)
 
@@ -317,3 +341,23 @@ def test_the_per_prompt_analysis_runs_on_a_decoder_without_an_adapter():
     assert analysis.meta["relative_error"] <= MAX_ERROR[torch.float32]
     assert analysis.meta["methods"] == {"cumulative": "reverse", "layerwise": "reverse"}
     assert all(max(errors) <= MAX_ERROR[torch.float32] for errors in analysis.meta["layer_errors"].values())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma2", "falcon", "mixtral"])
+def test_steering_operator_of_any_decoder_matches_its_cumulative_jacobian(arch):
+    """The concept operator (op-level recording, replayed on basis vectors in token windows) against reverse mode."""
+    from lllm.steering import concept_operator
+
+    model = tiny_architecture(arch, torch.float64)
+    operator = concept_operator(model, TOK, "1 5 9 17 33", layer=1)
+    torch.testing.assert_close(operator.apply(operator.inputs), operator.output, rtol=0, atol=1e-12)
+    if arch == "mixtral":  # MoE routing: one input at a time only
+        with pytest.raises(lllm.UnsupportedModelError, match="one input at a time"):
+            operator.jacobian()
+        return
+    jac = operator.jacobian()
+    for position in (0, 3, -1):
+        reference = lllm.cumulative_jacobians(model, TOK, "1 5 9 17 33", layers=[1], components=("layer",),
+                                              position=position, through_norm=False, method="reverse",
+                                              progress=False).jacobian["layer"][0]
+        assert torch.allclose(jac[position], reference, rtol=0, atol=1e-12 * reference.abs().max())
