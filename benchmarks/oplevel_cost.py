@@ -20,6 +20,7 @@ from lllm import layers
 from lllm.jacobian import bias_term, embed, final_hidden, reverse_jacobian
 from lllm.linearize import detached
 
+SWEEP_OPTIONS: dict = {}  # e.g. chunk_size, from --chunk-size
 PROMPT = "The bridge out of Marin is the Golden Gate Bridge, which"
 
 
@@ -34,12 +35,12 @@ def adapter_jacobian(model, ids):
     return jac
 
 
-def sweep(model, ids, op_level: bool):
+def sweep(model, tokenizer, ids, op_level: bool):
     """The cumulative forward sweep through the op-level replay (op_level) or the family adapter's replay."""
     original = layers._has_adapter
     layers._has_adapter = (lambda model: False) if op_level else original
     try:
-        return lllm.cumulative_jacobians(model, None, ids, method="forward", progress=False)
+        return lllm.cumulative_jacobians(model, tokenizer, ids, method="forward", progress=False, **SWEEP_OPTIONS)
     finally:
         layers._has_adapter = original
 
@@ -50,16 +51,21 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=7)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--sweep-reps", type=int, default=1)
+    parser.add_argument("--cases", default="final,sweep", help="comma-separated subset of final,sweep")
+    parser.add_argument("--chunk-size", type=int, help="basis vectors per replayed pass (default: lllm's)")
     args = parser.parse_args()
+    if args.chunk_size:
+        SWEEP_OPTIONS["chunk_size"] = args.chunk_size
     model, tokenizer = lllm.load(args.model)
     ids = tokenizer(PROMPT)["input_ids"][: args.tokens]
     print(f"model {args.model}, T = {len(ids)}, torch threads {torch.get_num_threads()}")
     cases = {
         "final J⁺": (args.reps, lambda: lllm.detached_jacobian(model, tokenizer, ids, progress=False).jacobian,
                      lambda: adapter_jacobian(model, ids)),
-        "cumulative forward sweep": (args.sweep_reps, lambda: sweep(model, ids, True), lambda: sweep(model, ids, False)),
+        "cumulative forward sweep": (args.sweep_reps, lambda: sweep(model, tokenizer, ids, True), lambda: sweep(model, tokenizer, ids, False)),
     }
-    for case, (reps, op_level, adapter) in cases.items():
+    chosen = {"final": "final J⁺", "sweep": "cumulative forward sweep"}
+    for case, (reps, op_level, adapter) in ((chosen[c], cases[chosen[c]]) for c in args.cases.split(",")):
         times, results = {"op-level": [], "adapter": []}, {}
         for _ in range(reps):  # alternate, so that both see the same machine load
             for name, fn in (("op-level", op_level), ("adapter", adapter)):

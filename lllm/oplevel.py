@@ -103,6 +103,18 @@ FREEZING = {
     "logical_not", "logical_and", "logical_or", "bool", "long", "int", "one_hot", "maximum", "minimum",
     "data", "cumprod", "prod", "sgn", "signbit", "__and__", "__or__", "__invert__", "floor_divide",
 }
+# Metadata of a tensor: answered directly (a replay's skipped tensors are on the meta device: their shape and
+# dtype are the real ones, their device is replaced by the model's).
+METADATA = {"shape", "dtype", "device", "size", "dim", "ndim", "ndimension", "numel", "nelement", "requires_grad",
+            "is_floating_point", "is_complex", "stride", "is_contiguous", "element_size", "is_cuda", "is_meta",
+            "get_device", "layout", "is_leaf", "grad_fn", "__len__", "data_ptr"}
+# Elementwise ops whose result's shape is the broadcast of their tensor inputs' (fast shapes for skipped ops).
+ELEMENTWISE = {"add", "__add__", "__radd__", "sub", "__sub__", "__rsub__", "rsub", "mul", "__mul__", "__rmul__",
+               "div", "__truediv__", "__rtruediv__", "neg", "__neg__", "pow", "__pow__", "silu", "gelu", "relu", "tanh",
+               "sigmoid", "rsqrt", "sqrt", "exp", "sin", "cos", "clamp", "abs", "square", "reciprocal", "where",
+               "masked_fill", "to", "float", "type_as", "contiguous", "clone", "dropout"}
+SHAPE_PRESERVING_FREEZES = {"rsqrt", "sqrt", "exp", "softmax", "log_softmax", "sigmoid", "reciprocal", "softplus",
+                            "cos", "detach", "sign", "gt", "lt", "ge", "le", "eq", "ne"}
 # Always passed through, whatever they see: autograd's own entry points and pure metadata.
 PASSTHROUGH = {"grad", "backward", "_backward_hooks", "register_hook", "retain_grad", "requires_grad_"}
 # f'(0) for activations rewritten by the generic where(h ≠ 0, f(h)/h, f'(0)).
@@ -129,6 +141,7 @@ class OpLinearization:
     stack: list = field(default_factory=list)  # module paths of the forwards under way
     additive: list = field(default_factory=list)  # (module, attribute name): biases and position tables
     float64: bool = False  # a float64 model: nothing is cast below float64
+    device: torch.device = torch.device("cpu")  # the model's: what a skipped tensor's device reads as
     # Record/replay: a recorded forward keeps each live op's frozen values under (module path, n-th live op
     # there); a replayed forward applies them to other inputs (a batch of basis vectors), skipping every op
     # that only feeds frozen values (Q, K, RoPE, the scores, the activation's branch), so the network is one
@@ -253,6 +266,38 @@ def _caller() -> str:
     return "<unknown>"
 
 
+def _tensors(*objs) -> list:
+    """The tensors in args/kwargs/results, looking one level into lists, tuples and dicts (what torch ops take)."""
+    found = []
+    for obj in objs:
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                if isinstance(item, torch.Tensor):
+                    found.append(item)
+                elif isinstance(item, (list, tuple, dict)):
+                    found.extend(_tensors(item))
+        elif isinstance(obj, dict):
+            found.extend(_tensors(list(obj.values())))
+    return found
+
+
+def _map_tensors(fn, obj):
+    """obj with fn applied to every tensor, one level into lists, tuples and dicts (what torch ops take)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_map_tensors(fn, item) for item in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(fn, v) for k, v in obj.items()}
+    return obj
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_meta else t.to("meta")
+
+
 def _surrogate(value: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     """`value` as a tensor whose derivative is that of `live`: the forward stays bit-for-bit value."""
     return value.detach() + (live - live.detach())
@@ -282,16 +327,18 @@ class _Mode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         lin, name = self.lin, _name(func)
+        if name in METADATA:  # a shape, dtype or device: no value flows, nothing to tag or key
+            result = func(*args, **kwargs)
+            return lin.device if isinstance(result, torch.device) and result.type == "meta" else result
         if not lin.stack or name in PASSTHROUGH:  # outside the model's forwards: engine code
             result = func(*args, **kwargs)
             if name in PASS and lin.tag(args[0] if args else None) in LIVE:
                 self._tag(result, lin.tag(args[0]))  # y = out[0, position] keeps its tag
                 if args[0] in lin.producer:  # and its producer, for what a replay must compute
-                    for t in tree_flatten(result)[0]:
-                        if isinstance(t, torch.Tensor):
-                            lin.producer[t] = lin.producer[args[0]]
+                    for t in _tensors(result):
+                        lin.producer[t] = lin.producer[args[0]]
             return result
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        tensors = _tensors(args, kwargs)
         tags = [self._checked_tag(t, name) for t in tensors]
         live = [t for t, tag in zip(tensors, tags) if tag in LIVE]
         wide = self._float64(tensors, tags)
@@ -351,7 +398,7 @@ class _Mode(TorchFunctionMode):
             self._note("frozen", {"out": result}, exclude=args_tensors(args, kwargs))
             return self._tag(result, F)
         result = func(*args, **kwargs)
-        if not [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]:
+        if not _tensors(result):
             return result  # .item(), bool(), size(): a frozen decision or metadata
         self._refuse(name, "it is not in lllm's op table")
 
@@ -364,11 +411,13 @@ class _Mode(TorchFunctionMode):
 
     def _record(self, key, name: str, tensors, args, result) -> None:
         lin, pending = self.lin, self.pending or {"kind": "plain", "values": {}, "tag": None, "exclude": set()}
-        lin.entries[key] = _Entry(name, pending["kind"], pending["values"], pending["tag"])
+        tag = pending["tag"]
+        if pending["kind"] == "plain" and isinstance(result, torch.Tensor) and result is not args[0]:
+            tag = lin.tags.get(result)  # a replay runs it as it is and tags it so: the table is read once
+        lin.entries[key] = _Entry(name, pending["kind"], pending["values"], tag)
         lin.deps[key] = {lin.producer[t] for t in tensors if id(t) not in pending["exclude"] and t in lin.producer}
-        for t in tree_flatten(result)[0]:
-            if isinstance(t, torch.Tensor):
-                lin.producer[t] = key
+        for t in _tensors(result):
+            lin.producer[t] = key
         target = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if target is not None and (name == "__setitem__" or name.startswith("__i") or
                                    (name.endswith("_") and not name.endswith("__"))):
@@ -383,9 +432,8 @@ class _Mode(TorchFunctionMode):
         if sources:
             key = ("~", len(lin.deps))
             lin.deps[key] = sources
-            for t in tree_flatten(result)[0]:
-                if isinstance(t, torch.Tensor):
-                    lin.producer[t] = key
+            for t in _tensors(result):
+                lin.producer[t] = key
 
     def _replay(self, func, args, kwargs, name, key, tensors):
         try:
@@ -408,6 +456,9 @@ class _Mode(TorchFunctionMode):
             raise ReplayError(f"op {name!r} of {key[0]!r} needs a value the replay skipped: a frozen value was "
                                      "recorded on a path the analysis missed; use the reverse method")
         if kind == "frozen":
+            source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if name in SHAPE_PRESERVING_FREEZES and source is not None and isinstance(values["out"], torch.Tensor):
+                return self._tag(_narrow(values["out"], source.shape, start), F)
             shapes = self._dead(func, args, kwargs)
             out = tree_map(lambda v, m: _narrow(v, m.shape, start) if isinstance(v, torch.Tensor) else v,
                            values["out"], shapes)
@@ -433,15 +484,27 @@ class _Mode(TorchFunctionMode):
             for slot, value in values.items():
                 _put(args, kwargs, slot, _narrow(value, _get(args, kwargs, slot).shape, start))
             return self._tag(func(*args, **kwargs), entry.tag)
+        if entry.tag is not None:  # linear in its live inputs, out of place: run it, tag as recorded
+            return self._tag(func(*args, **kwargs), entry.tag)
         return _RUN
 
     def _dead(self, func, args, kwargs):
         """The op on the meta device: its result's shape and dtype without its arithmetic. Metadata (a shape, a
         dtype) is the same as the real one; a device is the model's, so that what is made from it is real."""
-        meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) and not t.is_meta else t  # noqa: E731
-        result = func(*tree_map(meta, args), **tree_map(meta, kwargs))
+        name = _name(func)
+        tensors = _tensors(args, kwargs) if name in ELEMENTWISE else ()
+        if tensors and name not in ("to", "float", "type_as") and all(t.dim() for t in tensors):
+            dtype = tensors[0].dtype  # float tensors of one dtype here; python scalars do not widen them
+            for t in tensors[1:]:
+                dtype = torch.promote_types(dtype, t.dtype) if t.is_floating_point() else dtype
+            shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+            return self._tag(torch.empty(shape, dtype=dtype, device="meta"), N)
+        if name == "linear":
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            return self._tag(torch.empty((*args[0].shape[:-1], weight.shape[0]), dtype=args[0].dtype, device="meta"), N)
+        result = func(*_map_tensors(_meta, args), **_map_tensors(_meta, kwargs))
         if isinstance(result, torch.device) and result.type == "meta":
-            return next(self.lin.model.parameters()).device
+            return self.lin.device
         return self._tag(result, N)
 
     def _note_indices(self, tensors) -> None:
@@ -461,9 +524,11 @@ class _Mode(TorchFunctionMode):
         return tag
 
     def _tag(self, result, tag: str):
-        for t in tree_flatten(result)[0]:
-            if isinstance(t, torch.Tensor):
-                self.lin.tags[t] = tag
+        if isinstance(result, torch.Tensor):
+            self.lin.tags[result] = tag
+            return result
+        for t in _tensors(result):
+            self.lin.tags[t] = tag
         return result
 
     def _refuse(self, name: str, why: str):
@@ -501,7 +566,7 @@ class _Mode(TorchFunctionMode):
     def _pass(self, func, args, kwargs, name):
         lin = self.lin
         source = args[0] if args else next(iter(kwargs.values()))
-        others = [t for t in tree_flatten((args[1:], kwargs))[0] if isinstance(t, torch.Tensor) and t is not source]
+        others = [t for t in _tensors(args[1:], kwargs) if t is not source]
         if name == "embedding":  # F.embedding(ids, weight): linear in the table, ids must be constant
             source, others = args[1], [args[0]]
         if name in CASTS or name.endswith("_as"):  # type_as(other), view_as(other): other gives only dtype/shape
@@ -591,7 +656,7 @@ class _Mode(TorchFunctionMode):
             self._note("substitute", {("a", 0): args[0]}, None, exclude=[condition])
         if name in ("masked_fill", "masked_fill_") and lin.tag(args[1]) in LIVE:
             self._refuse(name, "the mask depends on x")
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        tensors = _tensors(args, kwargs)
         self._note_indices(tensors)
         tags = {lin.tag(t) for t in tensors}
         inplace = name == "__setitem__" or name.startswith("__i") or (name.endswith("_") and not name.endswith("__"))
@@ -631,7 +696,7 @@ class _Mode(TorchFunctionMode):
                 return self._frozen_result(func, args, kwargs, name)
         if name in ("clamp", "clip", "hardtanh", "threshold") and not _keeps_zero(name, args, kwargs):
             return self._frozen_result(func, args, kwargs, name)
-        if any(lin.tag(t) in LIVE for t in tree_flatten((args[1:], kwargs))[0] if isinstance(t, torch.Tensor)):
+        if any(lin.tag(t) in LIVE for t in _tensors(args[1:], kwargs)):
             self._refuse(name, "a live tensor reaches a parameter of the activation")
         value = func(*args, **kwargs)
         if lin.tag(h) == N:
@@ -721,7 +786,7 @@ class _Entry:
 
 
 def args_tensors(args, kwargs) -> list:
-    return [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    return _tensors(args, kwargs)
 
 
 def _mutable(args, kwargs):
@@ -883,7 +948,8 @@ def linearized(model: nn.Module, *, mlp_split: str = "activation") -> Iterator[O
         raise UnsupportedModelError("model is already inside an lllm linearization; nesting is not supported")
     audit_modules(model)
     lin = OpLinearization(model=model, mlp_split=mlp_split, additive=additive_parameters(model),
-                          float64=any(p.dtype == torch.float64 for p in model.parameters()))
+                          float64=any(p.dtype == torch.float64 for p in model.parameters()),
+                          device=next(model.parameters()).device)
     paths = {module: path for path, module in model.named_modules()}
     handles, grads = [], [(p, p.requires_grad) for p in model.parameters()]
 
