@@ -31,7 +31,7 @@ from torch import nn
 from torch.autograd.functional import jacobian
 
 from lllm.jacobian import embed, final_hidden, tokenize
-from lllm.linearize import detached
+from lllm.oplevel import detached
 
 COMPONENTS = ("layer", "attn", "mlp")
 _SUBMODULE = {"attn": "self_attn", "mlp": "mlp"}

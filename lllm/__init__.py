@@ -19,7 +19,7 @@ from .jacobian import (
     JacobianResult, detached_jacobian, embed, jvp_reconstruction, ordinary_jacobian, relative_error, tokenize,
 )
 from .layers import LayerJacobians, cumulative_jacobians, layerwise_jacobians
-from .linearize import check_coverage, detached
+from .oplevel import detached
 from .models import list_embedded, load
 from .store import ResultCache, load_result, model_identity, record_to_result, result_to_record, save_result
 from .matfree import DetachedOperator, OperatorError, TokenSpectra, all_token_topk, topk_svd

@@ -56,7 +56,7 @@ PAGE_ORDER = ("paper_vs_book.md", "linearization_choice.md", "performance.md", "
 # A listed module that does not exist yet is left out; one that exists must import and document
 # cleanly, since the book is built with -W.
 API_MODULES = (
-    "lllm.models", "lllm.oplevel", "lllm.linearize", "lllm.families", "lllm.jacobian", "lllm.layers", "lllm.matfree",
+    "lllm.models", "lllm.oplevel", "lllm.parts", "lllm.jacobian", "lllm.layers", "lllm.matfree",
     "lllm.decompose", "lllm.steering", "lllm.store", "lllm.sweep", "lllm.book", "lllm.errors",
 )
 

@@ -20,7 +20,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .errors import LinearizationError, LLLMError, MemoryBudgetError, PromptError, UnsupportedModelError
-from .oplevel import additive_parameters, linearized
+from .oplevel import additive_parameters, detached
 
 # Largest reconstruction error that a complete linearization can show, by dtype; above it a
 # nonlinearity escaped the patches and the result is refused rather than returned.
@@ -156,7 +156,7 @@ def jvp_reconstruction(model: nn.Module, x: torch.Tensor, position: int = -1, *,
     with fwAD.dual_level():
         dual = fwAD.make_dual(x.detach(), x.detach())
         if detach:
-            with linearized(model):
+            with detached(model):
                 out = final_hidden(model, dual, position)
         else:
             out = final_hidden(model, dual, position)
@@ -235,7 +235,7 @@ def detached_jacobian(
     x = x0.clone().requires_grad_(True)
     bias, meta = None, {}
     if detach:
-        with linearized(model, mlp_split=mlp_split) as lin:
+        with detached(model, mlp_split=mlp_split) as lin:
             y = _linearized_forward(model, x, position)
             lin.check_linear(y, "the output embedding y")
             jac = reverse_jacobian(y, x, chunk_size, progress, "J⁺ rows")
@@ -278,5 +278,5 @@ def _self_check(error: float, dtype: torch.dtype, what: str) -> None:
     if not error <= tol:
         raise LinearizationError(
             f"the detached Jacobian of {what} reconstructs it only to relative error {error:.3g} "
-            f"(> {tol:g} for {dtype}): a nonlinearity was not frozen. This is a bug in the family adapter."
+            f"(> {tol:g} for {dtype}): a nonlinearity was not frozen. This is a bug in lllm's op table (lllm/oplevel.py)."
         )

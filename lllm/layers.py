@@ -37,10 +37,9 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .errors import MemoryBudgetError, ReplayError, UnsupportedModelError
-from .families import SUBMODULE_NAMES, DecoderParts, decoder_parts, family_of
+from .parts import SUBMODULE_NAMES, DecoderParts, decoder_parts
 from .jacobian import _self_check, embed, relative_error, reverse_jacobian, text_config, tokenize
-from .linearize import Linearization, detached, frozen_norm
-from .oplevel import additive_parameters, linearized
+from .oplevel import additive_parameters, detached
 
 COMPONENTS = ("layer", "attn", "mlp")
 METHODS = ("auto", "forward", "reverse")
@@ -142,12 +141,6 @@ def _component(parts: DecoderParts, layer: nn.Module, comp: str) -> nn.Module:
     return getattr(layer, parts.submodules[comp])
 
 
-def _readout(lin: Linearization, decoder: nn.Module, hidden: torch.Tensor, key: str, position: int, norm: bool):
-    """hidden (B, T, d) → (B, d) at `position`, through the final norm with its own frozen factor."""
-    vec = hidden[:, position]
-    return frozen_norm(lin, decoder.norm, vec, key) if norm else vec
-
-
 def _has_biases(model: nn.Module) -> bool:
     """True when the model has additive parameters (biases, position tables): its maps are affine."""
     return bool(additive_parameters(model))
@@ -182,16 +175,6 @@ def _check_result_fits(n: int, d_out: int, n_tokens: int, d_in: int, dtype: torc
             f"{n} layer Jacobians of {n_tokens} tokens need {need / 2**30:.1f} GiB, more than the "
             f"{available / 2**30:.1f} GiB available: pass fewer `layers`/`components` or a shorter prompt"
         )
-
-
-@contextmanager
-def _token_window(lin: Linearization, start: int, stop: int) -> Iterator[None]:
-    """Replay on tokens start…stop-1 only (see Linearization.start)."""
-    lin.start, lin.stop = start, stop
-    try:
-        yield
-    finally:
-        lin.start, lin.stop = 0, None
 
 
 def _causal_basis(position: int, d_in: int, chunk_size: int, dtype: torch.dtype):
@@ -252,50 +235,12 @@ def cumulative_jacobians(
     depth, position = layers[-1] + 1, position % T
     # forward: T·d basis tangents through `depth` layers; reverse: d rows back through T tokens and ℓ+1 layers each
     chosen = _choose(method, d * _forward_token_layers(position, depth), sum(d * T * (ell + 1) for ell, _ in keys))
-    if not _has_adapter(model):  # the op-level path: any decoder
-        run = lambda how: _op_cumulative(model, tokenizer, token_ids, x0, layers, components, position,  # noqa: E731
-                                         through_norm, mlp_split, how, chunk_size, progress)
-        result = _op_with_fallback(run, method, chosen)
-        for comp in components:
-            _self_check(max(result.relative_errors(comp)), x0.dtype, f"cumulative {comp} outputs")
-        return result
-    start = time.perf_counter()
-    decoder = model.get_decoder()
-    with detached(model, mlp_split=mlp_split, record=True) as lin:
-        x = x0.clone().requires_grad_(chosen == "reverse")
-        with torch.set_grad_enabled(chosen == "reverse"), _Trace(decoder_parts(model), layers, components, stop=True) as trace:
-            decoder(inputs_embeds=x[None], use_cache=False)
-        targets = {k: _readout(lin, decoder, trace.outputs[k], f"readout.{k}", position, through_norm)[0] for k in keys}
-        lin.replay = True
-        bias = _replayed_outputs(model, lin, keys, torch.zeros_like(x0)[None], position, through_norm, components)
-        bias = {k: v[0] for k, v in bias.items()} if _has_biases(model) else None
-        stacked, jac = _allocate(layers, components, (d, T, d), x0.dtype)
-        if chosen == "reverse":
-            lin.replay = False  # the recorded graph already holds every frozen factor
-            for k in tqdm(keys, desc="cumulative J⁺ (reverse)", disable=not progress, leave=False):
-                jac[k].copy_(reverse_jacobian(targets[k], x, min(64, d), False, ""))
-        else:
-            chunks = list(_causal_basis(position, d, chunk_size, x0.dtype))
-            with torch.no_grad(), _without_biases(model):
-                for i, ks, basis in tqdm(chunks, desc="cumulative J⁺ (forward)", disable=not progress, leave=False):
-                    with _token_window(lin, i, position + 1):
-                        outs = _replayed_outputs(model, lin, keys, basis, -1, through_norm, components)
-                    for k in keys:
-                        jac[k][:, i, ks] = outs[k].T  # (B, d) columns J⁺e_(i,k)
-    result = _assemble("cumulative", layers, components, stacked, targets, bias, x0, token_ids, tokenizer,
-                       through_norm, chosen, time.perf_counter() - start)
+    run = lambda how: _cumulative(model, tokenizer, token_ids, x0, layers, components, position,  # noqa: E731
+                                     through_norm, mlp_split, how, chunk_size, progress)
+    result = _with_fallback(run, method, chosen)
     for comp in components:
         _self_check(max(result.relative_errors(comp)), x0.dtype, f"cumulative {comp} outputs")
     return result
-
-
-def _replayed_outputs(model, lin, keys, inputs_embeds, position, through_norm, components) -> dict:
-    """Run the replayed (linear) network on inputs_embeds (B, T, d); return each key's readout (B, d)."""
-    decoder = model.get_decoder()
-    layers = sorted({ell for ell, _ in keys})
-    with _Trace(decoder_parts(model), layers, components, stop=True) as trace:
-        decoder(inputs_embeds=inputs_embeds, use_cache=False)
-    return {k: _readout(lin, decoder, trace.outputs[k], f"readout.{k}", position, through_norm) for k in keys}
 
 
 def layerwise_jacobians(
@@ -319,46 +264,10 @@ def layerwise_jacobians(
     T, keys = len(token_ids), [(ell, c) for ell in layers for c in components]
     _check_result_fits(len(keys), d, T, d, x0.dtype)
     position = position % T
-    if not _has_adapter(model):  # the op-level path: any decoder; its basis sweep runs every token (no window)
-        chosen = _choose(method, d * T * T, d * T * len(components))
-        run = lambda how: _op_layerwise(model, tokenizer, token_ids, x0, layers, components, position,  # noqa: E731
-                                        mlp_split, how, chunk_size, progress)
-        result = _op_with_fallback(run, method, chosen)
-        for comp in components:
-            _self_check(max(result.relative_errors(comp)), x0.dtype, f"layer-wise {comp} outputs")
-        return result
-    # per layer: T·d tangents through Σᵢ (position-i+1) tokens, against d rows per component through T tokens
-    chosen = _choose(method, d * _forward_token_layers(position, 1), d * T * len(components))
-    start = time.perf_counter()
-    decoder = model.get_decoder()
-    stacked, jac = _allocate(layers, components, (d, T, d), x0.dtype)
-    targets, bias, layer_inputs = {}, {}, []
-    with detached(model, mlp_split=mlp_split, record=True) as lin:
-        with torch.no_grad(), _Trace(decoder_parts(model), layers, components, stop=True) as trace:
-            decoder(inputs_embeds=x0[None], use_cache=False)
-        lin.replay = True
-        for ell in tqdm(layers, desc=f"layer-wise J⁺ ({chosen})", disable=not progress, leave=False):
-            hidden, kwargs = trace.layer_inputs[ell]
-            layer_inputs.append(hidden[0])
-            run = _LayerRun(decoder_parts(model), ell, components, kwargs)
-            with torch.no_grad():
-                zero = run(torch.zeros_like(hidden), position)
-            h = hidden.clone().requires_grad_(chosen == "reverse")
-            with torch.set_grad_enabled(chosen == "reverse"):
-                outs = run(h, position)
-            for comp in components:
-                targets[(ell, comp)], bias[(ell, comp)] = outs[comp][0].detach(), zero[comp][0]
-                if chosen == "reverse":
-                    jac[(ell, comp)].copy_(reverse_jacobian(outs[comp][0], h, min(64, d), False, "")[:, 0])
-            if chosen == "forward":
-                with torch.no_grad(), _without_biases(model):
-                    for i, ks, basis in _causal_basis(position, d, chunk_size, x0.dtype):
-                        with _token_window(lin, i, position + 1):
-                            outs = run(basis, -1)
-                        for comp in components:
-                            jac[(ell, comp)][:, i, ks] = outs[comp].T  # columns J⁺e_(i,k)
-    result = _assemble("layerwise", layers, components, stacked, targets, bias if _has_biases(model) else None,
-                       torch.stack(layer_inputs), token_ids, tokenizer, False, chosen, time.perf_counter() - start)
+    chosen = _choose(method, d * T * T, d * T * len(components))  # its basis sweep runs every token (no window)
+    run = lambda how: _layerwise(model, tokenizer, token_ids, x0, layers, components, position,  # noqa: E731
+                                    mlp_split, how, chunk_size, progress)
+    result = _with_fallback(run, method, chosen)
     for comp in components:
         _self_check(max(result.relative_errors(comp)), x0.dtype, f"layer-wise {comp} outputs")
     return result
@@ -410,7 +319,7 @@ class _Readouts(nn.Module):
 
 def _additive_term(model: nn.Module, module: nn.Module, *inputs) -> dict | None:
     """c of every output of `module` (the decoder or a layer, wrapped): one JVP over the additive parameters it
-    holds, their tangents the parameters themselves. Inside `linearized`; independent of the outputs."""
+    holds, their tangents the parameters themselves. Inside `detached`; independent of the outputs."""
     paths = {m: p for p, m in module.named_modules()}
     names = [f"{paths[m]}.{attr}" if paths[m] else attr for m, attr, _ in additive_parameters(model) if m in paths]
     if not names:
@@ -423,20 +332,20 @@ def _additive_term(model: nn.Module, module: nn.Module, *inputs) -> dict | None:
     return {k: torch.zeros_like(outs[k][0]) if t is None else t[0].detach() for k, t in tangents.items()}
 
 
-def _op_cumulative(model, tokenizer, token_ids, x0, layers, components, position, through_norm, mlp_split, method,
+def _cumulative(model, tokenizer, token_ids, x0, layers, components, position, through_norm, mlp_split, method,
                    chunk_size, progress):
     """Cumulative J⁺ at the op level (any decoder): a forward sweep of the replayed network, or reverse mode."""
     keys, n_tokens, start = [(ell, c) for ell in layers for c in components], len(token_ids), time.perf_counter()
     parts, d_in = decoder_parts(model), x0.shape[-1]
     readouts = _Readouts(parts, layers, components, position, through_norm)
-    with linearized(model, mlp_split=mlp_split) as lin:
+    with detached(model, mlp_split=mlp_split) as lin:
         x = x0.clone().requires_grad_(method == "reverse")
         with lin.recording(), torch.set_grad_enabled(method == "reverse"):
             outs = readouts(x[None].clone())
         targets = {k: v[0] for k, v in outs.items()}
         for (ell, comp), y in targets.items():
             lin.check_linear(y, f"the {comp} output of layer {ell}")
-        method = _op_sweep_allowed(lin, method)
+        method = _sweep_allowed(lin, method)
         d_out = targets[keys[0]].shape[0]
         stacked, jac = _allocate(layers, components, (d_out, n_tokens, d_in), x0.dtype)
         if method == "reverse":
@@ -464,14 +373,14 @@ class _BatchUnsafe(Exception):
     """The recorded forward selects rows by x-dependent indices: it cannot be replayed on a batch."""
 
 
-def _op_sweep_allowed(lin, method: str) -> str:
+def _sweep_allowed(lin, method: str) -> str:
     """The forward sweep replays one recorded forward on a batch: not where frozen indices select rows (MoE)."""
     if method == "forward" and not lin.batch_safe:
         raise _BatchUnsafe
     return method
 
 
-def _op_with_fallback(run, requested: str, chosen: str):
+def _with_fallback(run, requested: str, chosen: str):
     """run(chosen); where the forward sweep cannot replay this model, reverse mode (or a clear refusal if asked)."""
     try:
         return run(chosen)
@@ -484,16 +393,16 @@ def _op_with_fallback(run, requested: str, chosen: str):
         return run("reverse")
 
 
-def _op_layerwise(model, tokenizer, token_ids, x0, layers, components, position, mlp_split, method, chunk_size,
+def _layerwise(model, tokenizer, token_ids, x0, layers, components, position, mlp_split, method, chunk_size,
                   progress):
     """Layer-wise J⁺ at the op level (any decoder): replayed basis sweeps (full length), or reverse mode."""
     parts, n_tokens, start = decoder_parts(model), len(token_ids), time.perf_counter()
     keys = [(ell, c) for ell in layers for c in components]
     targets, bias, layer_inputs, jac, stacked = {}, {}, [], {}, None
-    with linearized(model, mlp_split=mlp_split) as lin:
+    with detached(model, mlp_split=mlp_split) as lin:
         with lin.recording(), torch.no_grad(), _Trace(parts, layers, components, stop=True) as trace:
             parts.decoder(inputs_embeds=x0[None].clone(), use_cache=False)
-        method = _op_sweep_allowed(lin, method)
+        method = _sweep_allowed(lin, method)
         lin.finish_record([trace.outputs[k] for k in keys])
         for ell in tqdm(layers, desc=f"layer-wise J⁺ ({method})", disable=not progress, leave=False):
             hidden, kwargs = trace.layer_inputs[ell]
@@ -535,13 +444,7 @@ def _op_layerwise(model, tokenizer, token_ids, x0, layers, components, position,
                      torch.stack(layer_inputs), token_ids, tokenizer, False, method, time.perf_counter() - start)
 
 
-def _has_adapter(model: nn.Module) -> bool:
-    """True when a class-name adapter serves the model (its forward sweep replays recorded factors)."""
-    try:
-        family_of(model)
-    except UnsupportedModelError:
-        return False
-    return True
+
 
 
 def _allocate(layers, components, shape, dtype) -> tuple[dict, dict]:

@@ -37,7 +37,7 @@ from .errors import LLLMError, MemoryBudgetError, PromptError
 from .jacobian import (
     _self_check, bias_term, embed, estimate_jacobian_bytes, final_hidden, relative_error, text_config, tokenize,
 )
-from .oplevel import linearized
+from .oplevel import detached
 
 STRATEGIES = ("auto", "exact", "randomized")
 
@@ -126,7 +126,7 @@ class DetachedOperator:
         _check_graph_fits(self.model, self.n_tokens, self.chunk_size, self.dtype)
         self._stack = ExitStack()
         try:
-            lin = self._stack.enter_context(linearized(self.model, mlp_split=self.mlp_split))
+            lin = self._stack.enter_context(detached(self.model, mlp_split=self.mlp_split))
             with torch.enable_grad():
                 self._x = self.inputs.clone().requires_grad_(True)
                 self._y = final_hidden(self.model, self._x, self.position)  # (d_out,)

@@ -1,6 +1,6 @@
 """Linearize any decoder at the level of torch operations: freeze, audit, prove.
 
-Inside `linearized(model)` a `TorchFunctionMode` sees every torch function and Tensor method that
+Inside `detached(model)` a `TorchFunctionMode` sees every torch function and Tensor method that
 the modeling code calls, and tags each tensor by how it depends on the input embeddings x:
 
     C  constant in x: weights, masks, positions, rotary tables, eps
@@ -130,7 +130,7 @@ _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
 @dataclass
 class OpLinearization:
-    """State of one `linearized` context: tensor tags, the module stack, and what was frozen."""
+    """State of one `detached` context: tensor tags, the module stack, and what was frozen."""
 
     model: nn.Module
     mlp_split: str = "activation"
@@ -199,7 +199,7 @@ class OpLinearization:
         self.needed = needed
 
     def recorded(self) -> Recording:
-        """What the last recording froze, to replay in a later `linearized` context of the same model."""
+        """What the last recording froze, to replay in a later `detached` context of the same model."""
         if self.needed is None:
             raise LinearizationError("nothing is recorded; run a forward under recording() and finish_record()")
         return Recording(dict(self.entries), set(self.needed), self.batch_safe)
@@ -940,7 +940,7 @@ def _decomposed_autograd_functions(lin: OpLinearization):
 
 
 @contextmanager
-def linearized(model: nn.Module, *, mlp_split: str = "activation") -> Iterator[OpLinearization]:
+def detached(model: nn.Module, *, mlp_split: str = "activation") -> Iterator[OpLinearization]:
     """Make `model` locally linear in its input embeddings at the op level until exit; restore it after."""
     if mlp_split not in MLP_SPLITS:
         raise ValueError(f"mlp_split must be one of {MLP_SPLITS}, got {mlp_split!r}")

@@ -45,9 +45,9 @@ from tqdm.auto import tqdm
 from .errors import LLLMError, UnsupportedModelError
 from .generation import greedy_continuation, next_token_logits
 from .jacobian import embed, text_config, tokenize
-from .families import decoder_parts
+from .parts import decoder_parts
 from .layers import _causal_basis, _check_result_fits, _has_biases, _Trace, _without_biases
-from .oplevel import Recording, linearized
+from .oplevel import Recording, detached
 
 DEFAULT_LAMS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.0)
 
@@ -96,7 +96,7 @@ class SteeringOperator:
 
     def _replay(self, inputs_embeds: torch.Tensor, start: int = 0) -> torch.Tensor:
         """The concept's affine layer-L map on its tokens start…T_c-1, applied to a batch (B, T_c - start, d)."""
-        with linearized(self.model, mlp_split=self.mlp_split) as lin, torch.no_grad():
+        with detached(self.model, mlp_split=self.mlp_split) as lin, torch.no_grad():
             lin.load(self.recording)
             if inputs_embeds.shape[0] > 1 and not lin.batch_safe:
                 raise UnsupportedModelError("this model selects rows by x-dependent indices (MoE routing): its concept "
@@ -133,7 +133,7 @@ def concept_operator(
     layer = _resolve_layer(model, layer)
     token_ids = tokenize(tokenizer, concept)
     x = embed(model, token_ids)  # (T_c, d)
-    with linearized(model, mlp_split=mlp_split) as lin, torch.no_grad():
+    with detached(model, mlp_split=mlp_split) as lin, torch.no_grad():
         with lin.recording():
             output = _layer_output(model, layer, x[None].clone())
         lin.check_linear(output, f"the output of layer {layer}")

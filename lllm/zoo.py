@@ -152,7 +152,7 @@ def check_architecture(build: Callable[[torch.dtype], torch.nn.Module], ids: lis
     `build(dtype)` returns a fresh model. Raises what lllm raises (an LLLMError is a refusal).
     """
     import lllm
-    from lllm.oplevel import linearized
+    from lllm.oplevel import detached
 
     prompt = " ".join(map(str, ids))
     m32, m64 = build(torch.float32), build(torch.float64)
@@ -161,7 +161,7 @@ def check_architecture(build: Callable[[torch.dtype], torch.nn.Module], ids: lis
     x = lllm.embed(m32, ids)
     with torch.no_grad():
         reference = m32(inputs_embeds=x[None].clone(), use_cache=False).logits
-    with linearized(m32):
+    with detached(m32):
         logits = m32(inputs_embeds=x.clone().requires_grad_(True)[None].clone(), use_cache=False).logits
     ordinary = lllm.ordinary_jacobian(m64, IdsTokenizer(), prompt, progress=False).relative_error
     row = {

@@ -15,7 +15,7 @@ from lllm.decompose import (
 )
 import lllm.decompose as dec
 from lllm.errors import LLLMError, UnsupportedModelError
-from lllm.linearize import detached
+from lllm.oplevel import detached
 
 TOKENIZER = IdsTokenizer()
 DECODE_FAMILIES = ("llama", "gemma3")  # untied lm_head; tied lm_head with a √d-scaled embedding

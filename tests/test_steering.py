@@ -10,7 +10,7 @@ from lllm.errors import LLLMError, PromptError
 from lllm.generation import greedy_continuation, next_token_logits
 from lllm.jacobian import embed, relative_error
 from lllm.layers import cumulative_jacobians
-from lllm.linearize import detached
+from lllm.oplevel import detached
 from lllm.steering import (
     _layer_output, concept_operator, default_layer, lambda_sweep, steer, steered_activation, steered_continuation,
     steered_logits, sweep_table,
