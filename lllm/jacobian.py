@@ -250,7 +250,7 @@ def detached_jacobian(
         detached=detach, position=position, mlp_split=mlp_split, seconds=time.perf_counter() - start, meta=meta,
     )
     if detach:
-        _self_check(result.relative_error, x0.dtype, "the final output embedding")
+        self_check(result.relative_error, x0.dtype, "the final output embedding")
     return result
 
 
@@ -272,7 +272,7 @@ def ordinary_jacobian(model: nn.Module, tokenizer, prompt_or_ids, **kw) -> Jacob
     return detached_jacobian(model, tokenizer, prompt_or_ids, detach=False, **kw)
 
 
-def _self_check(error: float, dtype: torch.dtype, what: str) -> None:
+def self_check(error: float, dtype: torch.dtype, what: str) -> None:
     """Raise LinearizationError when a detached Jacobian fails to reconstruct its output."""
     tol = SELF_CHECK_TOLERANCE.get(dtype, 1e-1)
     if not error <= tol:

@@ -36,9 +36,9 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .errors import MemoryBudgetError, ReplayError, UnsupportedModelError
+from .errors import LLLMError, MemoryBudgetError, ReplayError, UnsupportedModelError
 from .parts import SUBMODULE_NAMES, DecoderParts, decoder_parts
-from .jacobian import _self_check, embed, relative_error, reverse_jacobian, text_config, tokenize
+from .jacobian import self_check, embed, relative_error, reverse_jacobian, text_config, tokenize
 from .oplevel import additive_parameters, detached
 
 COMPONENTS = ("layer", "attn", "mlp")
@@ -239,7 +239,7 @@ def cumulative_jacobians(
                                      through_norm, mlp_split, how, chunk_size, progress)
     result = _with_fallback(run, method, chosen)
     for comp in components:
-        _self_check(max(result.relative_errors(comp)), x0.dtype, f"cumulative {comp} outputs")
+        self_check(max(result.relative_errors(comp)), x0.dtype, f"cumulative {comp} outputs")
     return result
 
 
@@ -269,7 +269,7 @@ def layerwise_jacobians(
                                     mlp_split, how, chunk_size, progress)
     result = _with_fallback(run, method, chosen)
     for comp in components:
-        _self_check(max(result.relative_errors(comp)), x0.dtype, f"layer-wise {comp} outputs")
+        self_check(max(result.relative_errors(comp)), x0.dtype, f"layer-wise {comp} outputs")
     return result
 
 
@@ -339,8 +339,8 @@ def _cumulative(model, tokenizer, token_ids, x0, layers, components, position, t
     parts, d_in = decoder_parts(model), x0.shape[-1]
     readouts = _Readouts(parts, layers, components, position, through_norm)
     with detached(model, mlp_split=mlp_split) as lin:
-        x = x0.clone().requires_grad_(method == "reverse")
-        with lin.recording(), torch.set_grad_enabled(method == "reverse"):
+        x = x0.clone().requires_grad_(True)  # with grad, also when only recording: an escaped tensor is refused
+        with lin.recording(), torch.enable_grad():
             outs = readouts(x[None].clone())
         targets = {k: v[0] for k, v in outs.items()}
         for (ell, comp), y in targets.items():
@@ -383,14 +383,26 @@ def _sweep_allowed(lin, method: str) -> str:
 def _with_fallback(run, requested: str, chosen: str):
     """run(chosen); where the forward sweep cannot replay this model, reverse mode (or a clear refusal if asked)."""
     try:
-        return run(chosen)
+        return _refusing_raw_errors(run, chosen)
     except (_BatchUnsafe, ReplayError):
         if requested == "forward":
             raise UnsupportedModelError(
                 "the forward sweep replays the recorded forward on a batch of basis vectors, which this model does not "
                 "allow (x-dependent indices select rows, as in MoE routing, or frozen values are flattened with the "
                 "batch); use method='reverse' or 'auto'") from None
-        return run("reverse")
+        return _refusing_raw_errors(run, "reverse")
+
+
+def _refusing_raw_errors(run, method: str):
+    """run(method); an exception that is not lllm's, raised from the model's code under the linearization, is a
+    clear refusal (the original chained), not a traceback."""
+    try:
+        return run(method)
+    except (LLLMError, _BatchUnsafe):
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise UnsupportedModelError(f"the model's forward failed under lllm's op-level linearization "
+                                    f"({type(error).__name__}: {error})") from error
 
 
 def _layerwise(model, tokenizer, token_ids, x0, layers, components, position, mlp_split, method, chunk_size,
@@ -400,8 +412,9 @@ def _layerwise(model, tokenizer, token_ids, x0, layers, components, position, ml
     keys = [(ell, c) for ell in layers for c in components]
     targets, bias, layer_inputs, jac, stacked = {}, {}, [], {}, None
     with detached(model, mlp_split=mlp_split) as lin:
-        with lin.recording(), torch.no_grad(), _Trace(parts, layers, components, stop=True) as trace:
-            parts.decoder(inputs_embeds=x0[None].clone(), use_cache=False)
+        x = x0.clone().requires_grad_(True)  # recorded with grad: an x-dependent tensor the mode missed is refused
+        with lin.recording(), torch.enable_grad(), _Trace(parts, layers, components, stop=True) as trace:
+            parts.decoder(inputs_embeds=x[None].clone(), use_cache=False)
         method = _sweep_allowed(lin, method)
         lin.finish_record([trace.outputs[k] for k in keys])
         for ell in tqdm(layers, desc=f"layer-wise J⁺ ({method})", disable=not progress, leave=False):

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .decompose import _orientation, svd
 from .errors import LLLMError, MemoryBudgetError, PromptError
 from .jacobian import (
-    _self_check, bias_term, embed, estimate_jacobian_bytes, final_hidden, relative_error, text_config, tokenize,
+    self_check, bias_term, embed, estimate_jacobian_bytes, final_hidden, relative_error, text_config, tokenize,
 )
 from .oplevel import detached
 
@@ -147,8 +147,8 @@ class DetachedOperator:
             dual = fwAD.make_dual(self.inputs, self.inputs)
             derivative = fwAD.unpack_dual(final_hidden(self.model, dual, self.position)).tangent  # Σᵢ J⁺ᵢxᵢ
         self.relative_error = relative_error(self.output, derivative if self.bias is None else derivative + self.bias)
-        _self_check(self.relative_error, self.dtype, "the final output embedding")
-        _self_check(relative_error(derivative, self.matvec(self.inputs[None])[0]), self.dtype, "J⁺x by matvec")
+        self_check(self.relative_error, self.dtype, "the final output embedding")
+        self_check(relative_error(derivative, self.matvec(self.inputs[None])[0]), self.dtype, "J⁺x by matvec")
         self.counts = ProductCount()  # the check's product is not the caller's
 
     def __exit__(self, *exc) -> None:

@@ -155,6 +155,8 @@ class OpLinearization:
     producer: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)  # tensor -> key of its op
     deps: dict = field(default_factory=dict)  # key -> keys whose outputs it reads live
     needed: set | None = None  # keys a replay must compute; the others run on the meta device
+    inplace: set = field(default_factory=set)  # keys of in-place writes: always computed (views share storage)
+    counts: dict = field(default_factory=dict)  # module path -> live ops recorded there: a replay must match
     batch_safe: bool = True  # False when x-dependent indices select live rows (MoE): no batched replay
 
     def tag(self, t) -> str:
@@ -180,7 +182,7 @@ class OpLinearization:
     @contextmanager
     def recording(self) -> Iterator[None]:
         """Record the frozen values of the forwards run inside (then call `finish_record`)."""
-        self.entries.clear(), self.deps.clear(), self.counters.clear()
+        self.entries.clear(), self.deps.clear(), self.counters.clear(), self.inplace.clear()
         self.producer, self.needed, self.record, self.batch_safe = WeakIdKeyDictionary(), None, True, True
         try:
             yield
@@ -189,7 +191,8 @@ class OpLinearization:
 
     def finish_record(self, outputs) -> None:
         """Mark what a replay must compute: every op that `outputs` read live, back to the inputs."""
-        frontier = [self.producer[t] for t in outputs if t in self.producer]
+        frontier = [self.producer[t] for t in outputs if t in self.producer] + list(self.inplace)
+        self.counts = dict(self.counters)
         needed: set = set()
         while frontier:
             key = frontier.pop()
@@ -202,11 +205,12 @@ class OpLinearization:
         """What the last recording froze, to replay in a later `detached` context of the same model."""
         if self.needed is None:
             raise LinearizationError("nothing is recorded; run a forward under recording() and finish_record()")
-        return Recording(dict(self.entries), set(self.needed), self.batch_safe)
+        return Recording(dict(self.entries), set(self.needed), self.batch_safe, dict(self.counts))
 
     def load(self, recording: Recording) -> None:
         """Replay `recording` (from `recorded()`) in this context."""
-        self.entries, self.needed, self.batch_safe = dict(recording.entries), set(recording.needed), recording.batch_safe
+        self.entries, self.needed = dict(recording.entries), set(recording.needed)
+        self.batch_safe, self.counts = recording.batch_safe, dict(recording.counts)
 
     @contextmanager
     def replay(self, start: int = 0, stop: int | None = None) -> Iterator[None]:
@@ -217,6 +221,10 @@ class OpLinearization:
         self.counters.clear()
         try:
             yield
+            for path, n in self.counters.items():  # a shared module, or a per-token loop, would shift the keys
+                if n != self.counts.get(path):
+                    raise ReplayError(f"module {path!r} ran {n} live ops in the replay, {self.counts.get(path)} when "
+                                      "recorded: the replay does not follow the recorded forward")
         except RuntimeError as error:  # a recorded batch-1 value reshaped with the batch (Falcon's ALiBi scores)
             raise ReplayError(f"the recorded forward cannot be replayed on this batch ({error})") from error
         finally:
@@ -241,6 +249,7 @@ class Recording:
     entries: dict
     needed: set
     batch_safe: bool
+    counts: dict
 
 
 _TAG_MEANING = {C: "constant", F: "a frozen, detached quantity", L: "linear", A: "linear",
@@ -248,7 +257,10 @@ _TAG_MEANING = {C: "constant", F: "a frozen, detached quantity", L: "linear", A:
 
 
 def _name(func) -> str:
-    """The op's name; a property getter is named after its property (Tensor.T -> 'T')."""
+    """The op's name; a property getter is named after its property (Tensor.T -> 'T'). A torch.ops overload
+    (aten.mean.dim) keeps its whole name, so that no table entry matches it: on a live tensor it is refused."""
+    if type(func).__name__ in ("OpOverload", "OpOverloadPacket"):
+        return f"torch.ops.{func}"
     name = getattr(func, "__name__", None) or str(func)
     if name == "__get__":
         name = getattr(getattr(func, "__self__", None), "__name__", name)
@@ -415,12 +427,13 @@ class _Mode(TorchFunctionMode):
         if pending["kind"] == "plain" and isinstance(result, torch.Tensor) and result is not args[0]:
             tag = lin.tags.get(result)  # a replay runs it as it is and tags it so: the table is read once
         lin.entries[key] = _Entry(name, pending["kind"], pending["values"], tag)
+        if target_written(name, args):
+            lin.inplace.add(key)
         lin.deps[key] = {lin.producer[t] for t in tensors if id(t) not in pending["exclude"] and t in lin.producer}
         for t in _tensors(result):
             lin.producer[t] = key
-        target = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if target is not None and (name == "__setitem__" or name.startswith("__i") or
-                                   (name.endswith("_") and not name.endswith("__"))):
+        target = args[0] if target_written(name, args) else None
+        if target is not None:
             while target is not None:  # an in-place write: the target (and what it views) now comes from here
                 lin.producer[target] = key
                 target = target._base
@@ -451,42 +464,53 @@ class _Mode(TorchFunctionMode):
                 f"{entry.name if entry else 'nothing'!r}, now {name!r}; use the reverse method for this model")
         if key not in lin.needed:  # it only feeds frozen values: shapes are enough
             return self._dead(func, args, kwargs)
-        kind, values, start = entry.kind, entry.values, lin.start
+        kind, values = entry.kind, entry.values
         if kind == "plain" and any(t.is_meta for t in tensors):  # frozen kinds read only their live inputs
             raise ReplayError(f"op {name!r} of {key[0]!r} needs a value the replay skipped: a frozen value was "
                                      "recorded on a path the analysis missed; use the reverse method")
         if kind == "frozen":
-            source = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            if name in SHAPE_PRESERVING_FREEZES and source is not None and isinstance(values["out"], torch.Tensor):
-                return self._tag(_narrow(values["out"], source.shape, start), F)
+            if name in SHAPE_PRESERVING_FREEZES and tensors and isinstance(values["out"], torch.Tensor):
+                shape = torch.broadcast_shapes(*(t.shape for t in tensors))  # the result's shape, inputs broadcast
+                return self._tag(self._narrowed(values["out"], shape), F)
             shapes = self._dead(func, args, kwargs)
-            out = tree_map(lambda v, m: _narrow(v, m.shape, start) if isinstance(v, torch.Tensor) else v,
+            out = tree_map(lambda v, m: self._narrowed(v, m.shape) if isinstance(v, torch.Tensor) else v,
                            values["out"], shapes)
             return self._tag(out, F)
         if kind == "activation":
             h = args[0]
-            return self._tag(h * _narrow(values["g"], h.shape, start), A)
+            return self._tag(h * self._narrowed(values["g"], h.shape), A)
         if kind == "norm":
             h, _, weight, bias, _ = _norm_arguments(values["name"], args, kwargs)
-            inv = _narrow(values["inv"], h.shape, start)
+            inv = self._narrowed(values["inv"], h.shape)
             live = (h - h.mean(values["dims"], keepdim=True)) * inv if values["center"] else h * inv
             live = live if weight is None else live * weight
             return self._tag(live if bias is None else live + bias, entry.tag)
         if kind == "sdpa":
             bound = _sdpa_arguments(args, kwargs)
             q, k, v = bound["query"], bound["key"], bound["value"]
-            probs = _narrow(values["P"], (*q.shape[:-1], k.shape[-2]), start)
+            probs = self._narrowed(values["P"], (*q.shape[:-1], k.shape[-2]))
             if v.shape[-3] != probs.shape[-3]:
                 v = v.repeat_interleave(probs.shape[-3] // v.shape[-3], -3)
             return self._tag(probs.to(v.dtype) @ v, L)
         if kind == "substitute":
             args, kwargs = _mutable(args, kwargs)
             for slot, value in values.items():
-                _put(args, kwargs, slot, _narrow(value, _get(args, kwargs, slot).shape, start))
+                _put(args, kwargs, slot, self._narrowed(value, _get(args, kwargs, slot).shape))
             return self._tag(func(*args, **kwargs), entry.tag)
         if entry.tag is not None:  # linear in its live inputs, out of place: run it, tag as recorded
             return self._tag(func(*args, **kwargs), entry.tag)
         return _RUN
+
+    def _narrowed(self, value: torch.Tensor, shape) -> torch.Tensor:
+        """A recorded value cut to this replay's token window (see _narrow), or a ReplayError where an axis
+        would shrink to anything but the window (tokens flattened with the batch, as OPT's MLP does)."""
+        lin = self.lin
+        window = None if lin.stop is None else lin.stop - lin.start
+        for axis in range(-1, -min(value.dim(), len(shape)) - 1, -1):
+            if value.shape[axis] > shape[axis] and shape[axis] != window:
+                raise ReplayError(f"a recorded value of shape {tuple(value.shape)} does not fit a replayed shape "
+                                  f"{tuple(shape)} (token window {window}): tokens are flattened with the batch")
+        return _narrow(value, shape, lin.start)
 
     def _dead(self, func, args, kwargs):
         """The op on the meta device: its result's shape and dtype without its arithmetic. Metadata (a shape, a
@@ -554,11 +578,15 @@ class _Mode(TorchFunctionMode):
 
     def _keep_float64(self, func, args, kwargs):
         """A cast of a float64 x-dependent tensor: refuse to narrow it, keep float64."""
-        source = args[0]
+        lin, source = self.lin, args[0]
+        if source.is_meta:  # skipped by a replay: its cast is skipped too, on the meta device
+            args, kwargs = _map_tensors(_meta, args), _map_tensors(_meta, kwargs)
         result = func(*args, **kwargs)
         if isinstance(result, torch.Tensor) and result.is_floating_point() and result.dtype != torch.float64:
-            result = source
-        self.lin.tags[result] = self.lin.tag(source)
+            result = source.clone()  # a cast makes a new tensor: an in-place write to it must not reach the source
+        lin.tags[result] = lin.tag(source)
+        if lin.record and source in lin.producer:  # the cast is not a keyed op: what it reads stays needed
+            lin.producer[result] = lin.producer[source]
         return result
 
     # -- rules -----------------------------------------------------------------------------------
@@ -772,6 +800,12 @@ class _Mode(TorchFunctionMode):
         return self._tag(_surrogate(value, probs.to(v.dtype) @ v), L if v_tag in (L, A) else F)
 
 
+def target_written(name: str, args) -> bool:
+    """True for an in-place op (add_, __iadd__, __setitem__, copy_) on a tensor."""
+    inplace = name == "__setitem__" or name.startswith("__i") or (name.endswith("_") and not name.endswith("__"))
+    return inplace and bool(args) and isinstance(args[0], torch.Tensor)
+
+
 _RUN = object()  # _replay's answer for an op that is linear in its live inputs: run it as it is
 
 
@@ -851,8 +885,9 @@ def _split_name(frozen_kind: str, other: str) -> str:
 
 def _keeps_zero(name: str, args, kwargs) -> bool:
     """clamp/hardtanh/threshold keep f(0) = 0 only when 0 lies inside the kept range."""
-    if name == "threshold":
-        return (args[2] if len(args) > 2 else kwargs.get("value", 0)) == 0 or (args[1] if len(args) > 1 else 0) >= 0
+    if name == "threshold":  # f(x) = x if x > t else v: f(0) = 0 when t < 0, or when v = 0
+        threshold = args[1] if len(args) > 1 else kwargs.get("threshold", 0)
+        return (args[2] if len(args) > 2 else kwargs.get("value", 0)) == 0 or threshold < 0
     lo = args[1] if len(args) > 1 else kwargs.get("min", kwargs.get("min_val", -1.0 if name == "hardtanh" else None))
     hi = args[2] if len(args) > 2 else kwargs.get("max", kwargs.get("max_val", 1.0 if name == "hardtanh" else None))
     if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
@@ -911,7 +946,7 @@ def audit_modules(model: nn.Module) -> None:
 class _ForwardContext:
     """The `ctx` a custom Function's forward gets when lllm runs it decomposed: autograd sees its ops."""
 
-    needs_input_grad = ()
+    needs_input_grad = (True,) * 64
 
     def __getattr__(self, name):  # save_for_backward, mark_dirty, set_materialize_grads, ...
         return lambda *args, **kwargs: None
@@ -958,8 +993,8 @@ def detached(model: nn.Module, *, mlp_split: str = "activation") -> Iterator[OpL
             for m, attr, _ in lin.additive:
                 lin.tags[getattr(m, attr)] = L
             embeds = kwargs.get("inputs_embeds")
-            for t in tree_flatten((args, kwargs))[0]:
-                if isinstance(t, torch.Tensor) and (t is embeds or t.requires_grad):
+            for t in _tensors(args, kwargs):
+                if (t is embeds or t.requires_grad) and t not in lin.tags:  # an N readout stays N
                     lin.tags[t] = L
         lin.stack.append(paths.get(module, "?"))
 

@@ -42,9 +42,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import LLLMError, UnsupportedModelError
+from .errors import LLLMError, ReplayError, UnsupportedModelError
 from .generation import greedy_continuation, next_token_logits
-from .jacobian import embed, text_config, tokenize
+from .jacobian import embed, relative_error, self_check, text_config, tokenize
 from .parts import decoder_parts
 from .layers import _causal_basis, _check_result_fits, _has_biases, _Trace, _without_biases
 from .oplevel import Recording, detached
@@ -96,13 +96,19 @@ class SteeringOperator:
 
     def _replay(self, inputs_embeds: torch.Tensor, start: int = 0) -> torch.Tensor:
         """The concept's affine layer-L map on its tokens start…T_c-1, applied to a batch (B, T_c - start, d)."""
+        try:
+            return self._replayed(inputs_embeds, start)
+        except ReplayError as error:
+            raise UnsupportedModelError(f"the concept's recorded map cannot be applied here: {error}") from error
+
+    def _replayed(self, inputs_embeds: torch.Tensor, start: int) -> torch.Tensor:
         with detached(self.model, mlp_split=self.mlp_split) as lin, torch.no_grad():
             lin.load(self.recording)
             if inputs_embeds.shape[0] > 1 and not lin.batch_safe:
                 raise UnsupportedModelError("this model selects rows by x-dependent indices (MoE routing): its concept "
                                             "map can be applied to one input at a time, not to a batch")
             lin.mark_live(inputs_embeds)
-            with lin.replay(start):
+            with lin.replay(start, self.n_tokens):
                 return _layer_output(self.model, self.layer, inputs_embeds)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,6 +128,8 @@ class SteeringOperator:
         with _without_biases(self.model):  # columns J⁺_L e directly, not (J⁺_L e + c_L) − c_L
             for i, ks, basis in tqdm(chunks, desc="concept J⁺_L columns", disable=not progress, leave=False):
                 jac[i:, :, i, ks] = self._replay(basis, start=i).permute(1, 2, 0)  # (T_c - i, d, B)
+        rebuilt = torch.einsum("potd,td->po", jac, self.inputs) + (0 if self.bias is None else self.bias)
+        self_check(relative_error(self.output, rebuilt), self.inputs.dtype, "the concept's materialized J⁺_L")
         return jac
 
 
@@ -133,17 +141,21 @@ def concept_operator(
     layer = _resolve_layer(model, layer)
     token_ids = tokenize(tokenizer, concept)
     x = embed(model, token_ids)  # (T_c, d)
-    with detached(model, mlp_split=mlp_split) as lin, torch.no_grad():
-        with lin.recording():
-            output = _layer_output(model, layer, x[None].clone())
+    with detached(model, mlp_split=mlp_split) as lin:
+        live = x.clone().requires_grad_(True)  # recorded with grad: an x-dependent tensor the mode missed is refused
+        with lin.recording(), torch.enable_grad():
+            output = _layer_output(model, layer, live[None].clone())
         lin.check_linear(output, f"the output of layer {layer}")
         lin.finish_record([output])
-        with lin.replay():  # the affine map at x = 0: c_L, independently of the output
+        with lin.replay(), torch.no_grad():  # the affine map at x = 0: c_L, independently of the output
             bias = _layer_output(model, layer, torch.zeros_like(x)[None])[0] if _has_biases(model) else None
         recording = lin.recorded()
     tokens = [tokenizer.decode([i]) for i in token_ids]
-    return SteeringOperator(model=model, layer=layer, token_ids=token_ids, tokens=tokens, inputs=x,
-                            output=output[0].detach(), bias=bias, mlp_split=mlp_split, recording=recording)
+    operator = SteeringOperator(model=model, layer=layer, token_ids=token_ids, tokens=tokens, inputs=x,
+                                output=output[0].detach(), bias=bias, mlp_split=mlp_split, recording=recording)
+    # the replayed map must give back the recorded output: J⁺_L x_steer + c_L = f_L(x_steer)
+    self_check(relative_error(operator.output, operator.apply(x)), x.dtype, f"the concept's layer-{layer} map")
+    return operator
 
 
 def _check_lam(lam: float) -> float:

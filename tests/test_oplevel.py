@@ -351,3 +351,105 @@ def test_steering_operator_of_any_decoder_matches_its_cumulative_jacobian(arch):
                                               position=position, through_norm=False, method="reverse",
                                               progress=False).jacobian["layer"][0]
         assert torch.allclose(jac[position], reference, rtol=0, atol=1e-12 * reference.abs().max())
+
+
+# -- found by review: each was a silently wrong number on some path, and must now be exact or refused -------------
+
+
+def _wrap_mlp(model, forward):
+    """Layer 0's MLP replaced by forward(original_mlp_forward, x)."""
+    mlp = model.model.layers[0].mlp
+    original = mlp.forward
+    mlp.forward = lambda x: forward(original, x)
+    return model
+
+
+def _every_path_is_exact_or_refused(model):
+    """The final J⁺, both layer sweeps and the steering operator: an exact result or an lllm error, never a wrong one."""
+    from lllm.steering import concept_operator
+
+    final = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+    for method in ("forward", "reverse", "auto"):
+        try:
+            last = lllm.cumulative_jacobians(model, TOK, PROMPT, layers=[-1], components=["layer"], method=method,
+                                             progress=False)
+        except lllm.UnsupportedModelError:
+            assert method == "forward", method  # auto falls back to reverse mode
+            continue
+        assert ((last.jacobian["layer"][0] - final.jacobian).norm() / final.jacobian.norm()).item() <= 1e-10
+    try:
+        operator = concept_operator(model, TOK, PROMPT, layer=1)
+    except lllm.UnsupportedModelError:
+        return
+    torch.testing.assert_close(operator.apply(operator.inputs), operator.output, rtol=0, atol=1e-10)
+    try:
+        jac = operator.jacobian()
+    except lllm.UnsupportedModelError:
+        return
+    reference = lllm.cumulative_jacobians(model, TOK, PROMPT, layers=[1], components=["layer"], through_norm=False,
+                                          method="reverse", progress=False).jacobian["layer"][0]
+    assert torch.allclose(jac[-1], reference, rtol=0, atol=1e-10 * reference.abs().max())
+
+
+def test_in_place_write_after_a_view_is_replayed():
+    def forward(original, x):
+        out = original(x)
+        view = out[..., :]
+        out.mul_(2.0)  # in place, after the view was taken: the view sees it
+        return view
+
+    _every_path_is_exact_or_refused(_wrap_mlp(tiny_architecture("llama", torch.float64), forward))
+
+
+def test_a_frozen_comparison_broadcast_up_is_replayed_at_its_own_shape():
+    def forward(original, x):
+        mlp = original.__self__
+        mask = torch.lt(torch.zeros(1, 1, 1, dtype=x.dtype), mlp.gate_proj(x))  # broadcast up to (B, T, I)
+        return mlp.down_proj(mask * mlp.up_proj(x))
+
+    _every_path_is_exact_or_refused(_wrap_mlp(tiny_architecture("llama", torch.float64), forward))
+
+
+def test_threshold_with_a_nonzero_value_is_not_rewritten_as_an_activation():
+    def forward(original, x):
+        mlp = original.__self__
+        return mlp.down_proj(torch.threshold(mlp.gate_proj(x), 0.0, 1.0) * mlp.up_proj(x))  # f(0) = 1
+
+    model = _wrap_mlp(tiny_architecture("llama", torch.float64), forward)
+    result = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+    assert "threshold" in result.meta["linearization"]["frozen_ops"]  # frozen whole (F), not h·g(h)
+    assert result.relative_error <= 1e-12
+
+
+def test_a_torch_ops_overload_on_a_live_tensor_is_refused():
+    def forward(original, x):
+        return original(x) * torch.ops.aten.mean.dim(x, [-1], True)
+
+    model = _wrap_mlp(tiny_architecture("llama", torch.float64), forward)
+    with pytest.raises(lllm.CoverageError, match="torch.ops.aten.mean.dim"):
+        lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+    with pytest.raises(lllm.CoverageError, match="torch.ops.aten.mean.dim"):
+        lllm.cumulative_jacobians(model, TOK, PROMPT, method="forward", progress=False)
+
+
+def test_tokens_flattened_with_the_batch_are_not_cut_as_a_token_window():
+    """OPT's MLP runs on (B·T', d): a window cut there would be wrong, so the forward sweep is refused."""
+    model = tiny_architecture("opt", torch.float64)
+    with pytest.raises(lllm.UnsupportedModelError, match="forward sweep"):
+        lllm.cumulative_jacobians(model, TOK, PROMPT, components=["layer"], position=3, method="forward",
+                                  chunk_size=2, progress=False)
+    auto = lllm.cumulative_jacobians(model, TOK, PROMPT, components=["layer"], position=3, method="auto",
+                                     chunk_size=2, progress=False)
+    assert auto.method == "reverse" and max(auto.relative_errors("layer")) <= 1e-12
+
+
+def test_a_module_shared_by_two_layers_is_not_replayed_with_the_other_layers_values():
+    model = tiny_architecture("llama", torch.float64)
+    model.model.layers[1].mlp = model.model.layers[0].mlp
+    for method in ("forward", "reverse"):
+        try:
+            result = lllm.layerwise_jacobians(model, TOK, PROMPT, method=method, progress=False)
+        except lllm.UnsupportedModelError:
+            assert method == "forward"
+            continue
+        assert max(max(result.relative_errors(c)) for c in COMPONENTS) <= 1e-12
