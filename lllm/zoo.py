@@ -179,46 +179,44 @@ def check_architecture(build: Callable[[torch.dtype], torch.nn.Module], ids: lis
 TEST_IDS = [1, 5, 9, 17, 33, 41, 60, 77, 80, 12]
 
 
-def architecture_table(names: list[str], ids: list[int] = TEST_IDS) -> str:
-    """The supported-architectures table (markdown), one tiny model per name, computed now."""
+def architecture_table(names: list[str], ids: list[int] = TEST_IDS):
+    """The supported-architectures table (a DataFrame), one tiny model per name, computed now."""
+    import pandas as pd
+
     from .errors import LLLMError
 
-    lines = ["| architecture | transformers class | fp32 error | fp64 error | bitwise fp32 forward | y = lm_head input "
-             "| ordinary J error | frozen / rewritten ops | gated products |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for name in names:
         try:
             row = check_architecture(lambda dtype, name=name: tiny_architecture(name, dtype), ids)
         except LLLMError as error:
-            lines.append(f"| {name} | {ARCHITECTURES[name][1].__name__} | refused: {str(error)[:120]} | | | | | | |")
+            rows.append({"architecture": name, "class": ARCHITECTURES[name][1].__name__, "verdict": f"refused: {error}"})
             continue
-        ops = ", ".join(row["frozen_ops"])
-        lines.append(
-            f"| {name} | `{row['class']}` | {row['fp32']:.1e} | {row['fp64']:.1e} | {_yes(row['bitwise_forward'])} "
-            f"| {_yes(row['y_is_what_lm_head_reads'])} | {row['ordinary']:.2f} | {ops} | {row['split']} |"
-        )
-    return "\n".join(lines)
+        rows.append({
+            "architecture": name, "class": row["class"], "verdict": row["verdict"], "fp32 error": f"{row['fp32']:.1e}",
+            "fp64 error": f"{row['fp64']:.1e}", "bitwise fp32 forward": row["bitwise_forward"],
+            "y = lm_head input": row["y_is_what_lm_head_reads"], "ordinary J error": round(row["ordinary"], 2),
+            "frozen / rewritten ops": ", ".join(row["frozen_ops"]), "gated products": row["split"],
+        })
+    return pd.DataFrame(rows)
 
 
-def survey_summary(path) -> str:
-    """What benchmarks/architecture_survey.py found for every *ForCausalLM class (markdown), or why it is absent."""
+def survey_summary(path):
+    """(a sentence, a DataFrame): what benchmarks/architecture_survey.py found for every *ForCausalLM class, or
+    (why it is absent, None)."""
     import json
     from pathlib import Path
 
+    import pandas as pd
+
     path = Path(path)
     if not path.exists():
-        return f"**No survey**: `{path.name}` does not exist; `python benchmarks/architecture_survey.py` writes it."
+        return f"**No survey**: `{path.name}` does not exist; `python benchmarks/architecture_survey.py` writes it.", None
     survey = json.loads(path.read_text())
     counts = ", ".join(f"{n} {verdict}" for verdict, n in survey["counts"].items())
-    lines = [f"Survey of {len(survey['rows'])} `*ForCausalLM` classes of transformers {survey['transformers']}: "
-             f"{counts}. *Not built* means the generic tiny config did not build (no verdict); *crashed* a raw "
-             "exception instead of an lllm error.", "", "| class | verdict | fp64 error | why |", "|---|---|---|---|"]
-    for row in survey["rows"]:
-        fp64 = f"{row['fp64']:.1e}" if "fp64" in row else ""
-        why = row.get("why", "").replace("|", "/").split(" at /")[0][:140]
-        lines.append(f"| `{row['class']}` | {row['verdict']} | {fp64} | {why} |")
-    return "\n".join(lines)
-
-
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "**no**"
+    sentence = (f"Survey of {len(survey['rows'])} `*ForCausalLM` classes of transformers {survey['transformers']}: "
+                f"{counts}. *Not built* means the generic tiny config did not build (no verdict); *crashed* a raw "
+                "exception instead of an lllm error.")
+    rows = [{"class": r["class"], "verdict": r["verdict"], "fp64 error": f"{r['fp64']:.1e}" if "fp64" in r else "",
+             "why": r.get("why", "").split(" at /")[0][:140]} for r in survey["rows"]]
+    return sentence, pd.DataFrame(rows)

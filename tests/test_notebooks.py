@@ -246,7 +246,7 @@ def test_architectures_page_runs_every_tiny_architecture_and_the_survey(kernel_e
     nb = execute("architectures", tmp_path, survey=str(tmp_path / "no-survey.json"))
     text = outputs_text(nb)
     assert "GPT2LMHeadModel" in text and "DeepseekV3ForCausalLM" in text and "paper eq. 8" in text
-    assert "**no**" not in text and "refused" not in text  # every tested architecture is exact
+    assert "exact" in text and "False" not in text and "refused" not in text  # every tested architecture is exact
     assert "No survey" in text
 
 
