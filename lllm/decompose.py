@@ -276,11 +276,11 @@ def _decode(
 
 
 def _final_norm(model: nn.Module) -> nn.Module:
-    """The model's final norm, refused inside lllm.detached() where its forward is patched."""
+    """The model's final norm, refused inside lllm.detached(), where a replaying context applies recorded factors."""
     if getattr(model, "_lllm_detached", False):
         # a replaying detached context would apply a frozen rsqrt from another input
         raise UnsupportedModelError("decode with through_norm=True outside lllm.detached(): the final norm must "
-                                    "be the model's own, unpatched")
+                                    "compute its own factor, not a recorded one")
     norm = getattr(model.get_decoder(), "norm", None)
     if norm is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no final norm at get_decoder().norm")

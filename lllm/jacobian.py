@@ -9,7 +9,8 @@ without biases). J is computed by batched reverse mode over chunks of output row
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import psutil
@@ -20,7 +21,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .errors import LinearizationError, LLLMError, MemoryBudgetError, PromptError, UnsupportedModelError
-from .oplevel import additive_parameters, detached
+from .oplevel import additive_duals, additive_parameters, detached
 
 # Largest reconstruction error that a complete linearization can show, by dtype; above it a
 # nonlinearity escaped the patches and the result is refused rather than returned.
@@ -137,12 +138,10 @@ def bias_term(model: nn.Module, x: torch.Tensor, position: int = -1) -> torch.Te
     computed independently of y, as the tangent of one forward whose parameter tangents are the
     parameters themselves.
     """
-    names = [name for _, _, name in additive_parameters(model)]
-    if not names:
+    if not additive_parameters(model):
         return None
-    params = dict(model.named_parameters(remove_duplicate=False))
     with fwAD.dual_level():
-        duals = {n: fwAD.make_dual(params[n].detach(), params[n].detach()) for n in names}
+        duals = additive_duals(model, model)
         tangent = fwAD.unpack_dual(final_hidden(model, x, position, parameters=duals)).tangent
     return torch.zeros_like(x[0]) if tangent is None else tangent.detach()
 
@@ -236,7 +235,8 @@ def detached_jacobian(
     bias, meta = None, {}
     if detach:
         with detached(model, mlp_split=mlp_split) as lin:
-            y = _linearized_forward(model, x, position)
+            with refusing_raw_errors(model):
+                y = final_hidden(model, x, position)
             lin.check_linear(y, "the output embedding y")
             jac = reverse_jacobian(y, x, chunk_size, progress, "J⁺ rows")
             bias = bias_term(model, x0, position)
@@ -254,10 +254,12 @@ def detached_jacobian(
     return result
 
 
-def _linearized_forward(model: nn.Module, x: torch.Tensor, position: int) -> torch.Tensor:
-    """final_hidden under the op-level linearization; a model that cannot run there is refused, not a traceback."""
+@contextmanager
+def refusing_raw_errors(model: nn.Module) -> Iterator[None]:
+    """Inside: an exception that is not lllm's, raised from the model's code under the linearization, is a clear
+    refusal (the original chained), not a traceback."""
     try:
-        return final_hidden(model, x, position)
+        yield
     except LLLMError:
         raise
     except Exception as error:  # noqa: BLE001 - the modeling code failed on what the mode returned it

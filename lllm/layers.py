@@ -17,7 +17,8 @@ fixed linear map, so Jacobians come from either side of it:
   branch), and a tangent at token i runs on tokens i…position only (causal attention);
 - reverse mode: batched VJPs, d_out rows per requested output.
 
-`method="auto"` picks the cheaper by counting token-layer passes. Biases make the maps affine; their
+`method="auto"` picks the cheaper by counting token-layer passes, and takes reverse mode where a record
+cannot be replayed on a batch (MoE routing, tokens flattened with the batch). Biases make the maps affine; their
 constant c is the replayed network applied to a zero input, computed independently of y.
 """
 
@@ -36,10 +37,10 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .errors import LLLMError, MemoryBudgetError, ReplayError, UnsupportedModelError
+from .errors import MemoryBudgetError, ReplayError, UnsupportedModelError
 from .parts import SUBMODULE_NAMES, DecoderParts, decoder_parts
-from .jacobian import self_check, embed, relative_error, reverse_jacobian, text_config, tokenize
-from .oplevel import additive_parameters, detached
+from .jacobian import embed, refusing_raw_errors, relative_error, reverse_jacobian, self_check, text_config, tokenize
+from .oplevel import additive_duals, additive_parameters, detached
 
 COMPONENTS = ("layer", "attn", "mlp")
 METHODS = ("auto", "forward", "reverse")
@@ -237,7 +238,7 @@ def cumulative_jacobians(
     chosen = _choose(method, d * _forward_token_layers(position, depth), sum(d * T * (ell + 1) for ell, _ in keys))
     run = lambda how: _cumulative(model, tokenizer, token_ids, x0, layers, components, position,  # noqa: E731
                                      through_norm, mlp_split, how, chunk_size, progress)
-    result = _with_fallback(run, method, chosen)
+    result = _with_fallback(model, run, method, chosen)
     for comp in components:
         self_check(max(result.relative_errors(comp)), x0.dtype, f"cumulative {comp} outputs")
     return result
@@ -267,7 +268,7 @@ def layerwise_jacobians(
     chosen = _choose(method, d * T * T, d * T * len(components))  # its basis sweep runs every token (no window)
     run = lambda how: _layerwise(model, tokenizer, token_ids, x0, layers, components, position,  # noqa: E731
                                     mlp_split, how, chunk_size, progress)
-    result = _with_fallback(run, method, chosen)
+    result = _with_fallback(model, run, method, chosen)
     for comp in components:
         self_check(max(result.relative_errors(comp)), x0.dtype, f"layer-wise {comp} outputs")
     return result
@@ -320,13 +321,10 @@ class _Readouts(nn.Module):
 def _additive_term(model: nn.Module, module: nn.Module, *inputs) -> dict | None:
     """c of every output of `module` (the decoder or a layer, wrapped): one JVP over the additive parameters it
     holds, their tangents the parameters themselves. Inside `detached`; independent of the outputs."""
-    paths = {m: p for p, m in module.named_modules()}
-    names = [f"{paths[m]}.{attr}" if paths[m] else attr for m, attr, _ in additive_parameters(model) if m in paths]
-    if not names:
-        return None
-    params = dict(module.named_parameters(remove_duplicate=False))
     with fwAD.dual_level():
-        duals = {n: fwAD.make_dual(params[n].detach(), params[n].detach()) for n in names}
+        duals = additive_duals(model, module)
+        if not duals:
+            return None
         outs = functional_call(module, duals, inputs)
         tangents = {k: fwAD.unpack_dual(v).tangent for k, v in outs.items()}
     return {k: torch.zeros_like(outs[k][0]) if t is None else t[0].detach() for k, t in tangents.items()}
@@ -369,40 +367,26 @@ def _cumulative(model, tokenizer, token_ids, x0, layers, components, position, t
                      through_norm, method, time.perf_counter() - start)
 
 
-class _BatchUnsafe(Exception):
-    """The recorded forward selects rows by x-dependent indices: it cannot be replayed on a batch."""
-
-
 def _sweep_allowed(lin, method: str) -> str:
     """The forward sweep replays one recorded forward on a batch: not where frozen indices select rows (MoE)."""
     if method == "forward" and not lin.batch_safe:
-        raise _BatchUnsafe
+        raise ReplayError("x-dependent indices select rows (MoE routing): the record cannot be replayed on a batch")
     return method
 
 
-def _with_fallback(run, requested: str, chosen: str):
+def _with_fallback(model: nn.Module, run, requested: str, chosen: str):
     """run(chosen); where the forward sweep cannot replay this model, reverse mode (or a clear refusal if asked)."""
     try:
-        return _refusing_raw_errors(run, chosen)
-    except (_BatchUnsafe, ReplayError):
+        with refusing_raw_errors(model):
+            return run(chosen)
+    except ReplayError:
         if requested == "forward":
             raise UnsupportedModelError(
                 "the forward sweep replays the recorded forward on a batch of basis vectors, which this model does not "
                 "allow (x-dependent indices select rows, as in MoE routing, or frozen values are flattened with the "
                 "batch); use method='reverse' or 'auto'") from None
-        return _refusing_raw_errors(run, "reverse")
-
-
-def _refusing_raw_errors(run, method: str):
-    """run(method); an exception that is not lllm's, raised from the model's code under the linearization, is a
-    clear refusal (the original chained), not a traceback."""
-    try:
-        return run(method)
-    except (LLLMError, _BatchUnsafe):
-        raise
-    except Exception as error:  # noqa: BLE001
-        raise UnsupportedModelError(f"the model's forward failed under lllm's op-level linearization "
-                                    f"({type(error).__name__}: {error})") from error
+        with refusing_raw_errors(model):
+            return run("reverse")
 
 
 def _layerwise(model, tokenizer, token_ids, x0, layers, components, position, mlp_split, method, chunk_size,

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import CoverageError, LinearizationError, ReplayError, UnsupportedModelError
@@ -137,7 +137,6 @@ class OpLinearization:
     tags: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
     frozen: Counter = field(default_factory=Counter)  # op name -> how often it was frozen
     splits: Counter = field(default_factory=Counter)  # which factor a product with two live factors froze
-    live_inputs: list = field(default_factory=list)  # tensors tagged L on entry to the outermost forward
     stack: list = field(default_factory=list)  # module paths of the forwards under way
     additive: list = field(default_factory=list)  # (module, attribute name): biases and position tables
     float64: bool = False  # a float64 model: nothing is cast below float64
@@ -167,7 +166,6 @@ class OpLinearization:
         """Declare tensors as live inputs (x, or a layer's input hidden states)."""
         for t in tensors:
             self.tags[t] = L
-            self.live_inputs.append(t)
 
     def check_linear(self, t: torch.Tensor, what: str) -> None:
         """Raise unless `t` is proven linear (affine with biases) in x."""
@@ -325,7 +323,7 @@ def _plain(t):
 
 
 def _nonzero(result) -> bool:
-    tensors = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+    tensors = _tensors(result)
     return any(bool(t.detach().ne(0).any()) for t in tensors if t.numel())
 
 
@@ -405,10 +403,7 @@ class _Mode(TorchFunctionMode):
                 self._refuse(name, "an in-place nonlinear op rewrites a live tensor that autograd has saved")
             if name in ("softmax", "log_softmax", "_softmax") and wide and kwargs.get("dtype") is not None:
                 kwargs = {**kwargs, "dtype": torch.float64}
-            result = tree_map(_plain, func(*args, **kwargs))
-            lin.frozen[name] += 1
-            self._note("frozen", {"out": result}, exclude=args_tensors(args, kwargs))
-            return self._tag(result, F)
+            return self._frozen_result(func, args, kwargs, name)
         result = func(*args, **kwargs)
         if not _tensors(result):
             return result  # .item(), bool(), size(): a frozen decision or metadata
@@ -676,7 +671,7 @@ class _Mode(TorchFunctionMode):
         lin = self.lin
         if name == "where" and len(args) == 1:  # where(cond): the indices of a frozen decision
             result = tree_map(_plain, func(*args, **kwargs))
-            self._note("frozen", {"out": result}, exclude=args_tensors(args, kwargs))
+            self._note("frozen", {"out": result}, exclude=_tensors(args, kwargs))
             return self._tag(result, F)
         if name == "where" and lin.tag(args[0]) in LIVE:  # a live condition is a frozen decision
             condition = args[0]
@@ -738,7 +733,7 @@ class _Mode(TorchFunctionMode):
         """A nonlinear op whose result is frozen whole (F)."""
         self.lin.frozen[name] += 1
         result = tree_map(_plain, func(*args, **kwargs))
-        self._note("frozen", {"out": result}, exclude=args_tensors(args, kwargs))
+        self._note("frozen", {"out": result}, exclude=_tensors(args, kwargs))
         return self._tag(result, F)
 
     def _norm(self, func, args, kwargs, name):
@@ -817,10 +812,6 @@ class _Entry:
     kind: str  # "plain", "frozen", "activation", "norm", "sdpa" or "substitute"
     values: dict
     tag: str | None
-
-
-def args_tensors(args, kwargs) -> list:
-    return _tensors(args, kwargs)
 
 
 def _mutable(args, kwargs):
@@ -929,6 +920,17 @@ def additive_parameters(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
     return found
 
 
+def additive_duals(model: nn.Module, module: nn.Module) -> dict:
+    """{name in `module`: dual tensor} for `model`'s additive parameters held by `module`, each with itself as its
+    tangent: a forward through them (inside torch.autograd.forward_ad.dual_level) carries c as its tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    paths = {m: p for p, m in module.named_modules()}
+    names = [f"{paths[m]}.{attr}" if paths[m] else attr for m, attr, _ in additive_parameters(model) if m in paths]
+    params = dict(module.named_parameters(remove_duplicate=False))
+    return {n: fwAD.make_dual(params[n].detach(), params[n].detach()) for n in names}
+
+
 def audit_modules(model: nn.Module) -> None:
     """Refuse what the mode cannot see: training mode, TorchScript, torch.compile."""
     if type(model).__name__ == "OptimizedModule":
@@ -960,7 +962,7 @@ def _decomposed_autograd_functions(lin: OpLinearization):
     original = saved.__func__
 
     def apply(cls, *args, **kwargs):
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        tensors = _tensors(args, kwargs)
         if not (lin.stack and any(lin.tag(t) in LIVE for t in tensors)):
             return original(cls, *args, **kwargs)
         if torch.autograd.function._is_setup_context_defined(cls.setup_context):

@@ -111,17 +111,8 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, *
     config_cls, model_cls, extra = FAMILY_CONFIGS[family]
     config = config_cls(**{**COMMON, **extra, **overrides})
     torch.manual_seed(seed)
-    model = model_cls(config).to(dtype).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:  # random norm weights so that (1 + w) and w conventions both matter
-                p.copy_(1.0 + 0.3 * torch.randn_like(p) if "gemma" not in family else 0.3 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.copy_(0.5 * torch.randn_like(p))
-            else:
-                p.copy_(0.3 * torch.randn_like(p))
-    model.requires_grad_(False)
-    return model
+    model = randomize(model_cls(config).to(dtype).eval(), gemma_norms="gemma" in family)
+    return model.requires_grad_(False)
 
 
 class IdsTokenizer:
