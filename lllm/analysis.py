@@ -21,9 +21,12 @@ import torch
 from torch import nn
 
 from . import decompose as dec
-from .jacobian import JacobianResult, detached_jacobian, embed, jvp_reconstruction, relative_error, tokenize
-from .layers import COMPONENTS, LayerJacobians, cumulative_jacobians, layerwise_jacobians
+from .jacobian import (
+    JacobianResult, detached_jacobian, embed, jvp_reconstruction, relative_error, text_config, tokenize,
+)
+from .layers import COMPONENTS, METHODS, LayerJacobians, cumulative_jacobians, layerwise_jacobians
 from .store import ResultCache, model_identity, record_to_result, result_to_record
+from .validation import check_choice, check_components, check_layers, check_prompt_text, writable_directory
 
 ANALYSIS_KIND = "analysis"
 
@@ -82,6 +85,7 @@ def analyze(
     progress: bool = True,
 ) -> PromptAnalysis:
     """Every figure's data for one prompt (see the module docstring). Not cached: see `cached_analyze`."""
+    layers, components = check_analysis_options(model, layers, components, method)  # before any work
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     token_ids = tokenize(tokenizer, prompt)
@@ -138,6 +142,12 @@ def analyze(
     )
 
 
+def check_analysis_options(model: nn.Module, layers, components, method: str) -> tuple[list[int], tuple[str, ...]]:
+    """(layers, components) checked and normalized (negative layers count from the end); ArgumentError if not."""
+    check_choice(method, "method", METHODS)
+    return check_layers(layers, text_config(model).num_hidden_layers), check_components(components, COMPONENTS)
+
+
 def _features(block: torch.Tensor, model, tokenizer, k_tokens: int) -> dict:
     """Fig 4A for one block: decoded largest rows/columns and the norm distributions (JSON-able)."""
     features = dec.row_col_features(block, model, tokenizer, n_features=10, k_tokens=k_tokens)
@@ -189,8 +199,12 @@ def record_to_analysis(tensors: dict, meta: dict) -> PromptAnalysis:
 def cached_analyze(model: nn.Module, tokenizer, prompt, *, cache: ResultCache | None = None, **options) -> PromptAnalysis:
     """`analyze` through the content-addressed results cache: an unchanged call loads instead."""
     cache = cache or ResultCache()
-    layers = options.get("layers")
-    options = {**options, "layers": None if layers is None else sorted(layers)}
+    layers, components = check_analysis_options(model, options.get("layers"), options.get("components", COMPONENTS),
+                                                options.get("method", "auto"))
+    all_layers = layers == list(range(text_config(model).num_hidden_layers))
+    options = {**options, "layers": None if all_layers else layers}
+    if "components" in options:
+        options["components"] = list(components)
     key = {"model": model_identity(model), "prompt": prompt, "dtype": str(model.dtype), "options":
            {k: v for k, v in options.items() if k != "progress"}}
     tensors, meta, _ = cache.get_or_compute(
@@ -224,20 +238,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+def _is_summary(path: Path) -> bool:
+    """Whether path is a summary.json that write_summary wrote (so that replacing it loses nothing)."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and {"relative_error", "stable_rank", "token_ids"} <= summary.keys()
+
+
 def run(args: argparse.Namespace) -> int:
     """Analyze one prompt, write everything to --out, and print the headline numbers."""
     from . import load
-    from .commands import DTYPES
-    from .store import save_result
+    from .models import DTYPES
+    from .errors import OutputPathError
+    from .store import entry_files_only, save_result
 
+    check_prompt_text(args.prompt)
+    out = writable_directory(args.out, "--out")  # before the model loads and the analysis runs
+    entry = out / "analysis"
+    if entry.exists() and not (entry.is_dir() and entry_files_only(entry)):
+        raise OutputPathError(f"{entry} exists and lllm did not write it; give another --out")
+    summary = out / "analysis-summary.json"
+    if summary.exists() and not _is_summary(summary):
+        raise OutputPathError(f"{summary} exists and lllm did not write it; give another --out")
     model, tokenizer = load(args.model, dtype=DTYPES[args.dtype])
+    check_analysis_options(model, args.layers, COMPONENTS, args.method)
     options = {"layers": args.layers, "method": args.method, "progress": not args.no_progress}
     if args.no_cache:
         options.pop("progress")
         analysis = analyze(model, tokenizer, args.prompt, progress=not args.no_progress, **options)
     else:
         analysis = cached_analyze(model, tokenizer, args.prompt, **options)
-    out = Path(args.out)
     save_result(out / "analysis", *analysis_to_record(analysis, model, {k: v for k, v in options.items()
                                                                         if k != "progress"}))
     write_summary(analysis, out.joinpath("analysis-summary.json"))

@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-from .errors import LLLMError, PromptError
+from .errors import BookBuildError, NotebookMetadataError, PromptError
+from .models import DTYPES
+from .validation import check_int
 
 DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b")
 DEFAULT_PROMPT = "The bridge out of Marin is the"
-DTYPES = ("float32", "float64", "bfloat16", "float16")
 # The CI configuration: the smallest model and a two-token prompt; notebooks see fast=True.
 FAST_MODELS = ("smollm2-135m",)
 FAST_PROMPT = "The Golden"
@@ -63,14 +64,6 @@ API_MODULES = (
 # Modules that only drive notebooks and cannot change their results; editing them re-runs nothing.
 _DRIVER_MODULES = ("book.py", "cli.py")
 _CHAPTER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-
-
-class NotebookMetadataError(LLLMError):
-    """A notebook in the notebooks directory lacks valid ``lllm`` metadata, or two share a chapter."""
-
-
-class BookBuildError(LLLMError):
-    """The book cannot be made as asked: a missing directory, an unknown chapter, clashing model names."""
 
 
 @dataclass(frozen=True)
@@ -321,13 +314,25 @@ def select(specs: Sequence[NotebookSpec], only: Sequence[str] | None) -> list[No
 
 
 def is_unchanged(run: Run) -> bool:
-    """True when the output exists and was produced by a successful execution with the same key."""
+    """True when the output exists, was produced by a successful execution with the same key, and it and its
+    figures still have the sha256 digests recorded then."""
     if not (run.output.exists() and run.record.exists()):
         return False
     try:
-        return json.loads(run.record.read_text()).get("key") == run.key
-    except (json.JSONDecodeError, OSError):
+        record = json.loads(run.record.read_text())
+        # the outputs are derived files too: one changed byte in the notebook or a figure re-runs it
+        return record.get("key") == run.key and record.get("outputs") == _output_digests(run)
+    except (json.JSONDecodeError, OSError, AttributeError):
         return False  # a damaged record only costs a re-run
+
+
+def _output_digests(run: Run) -> dict[str, str]:
+    """sha256 of the executed notebook and of every file its run wrote into its output directory."""
+    figures = Path(run.parameters["output_dir"])
+    digests = {run.output.name: hashlib.sha256(run.output.read_bytes()).hexdigest()}
+    for path in sorted(p for p in figures.rglob("*") if p.is_file()):  # keyed relative: a moved checkout re-runs nothing
+        digests[f"output_dir/{path.relative_to(figures)}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +368,8 @@ def execute(run: Run) -> Failure | None:
             execution_count=None, cell_source="", error=f"{type(err).__name__}: {err}", output=run.output,
         )
     record = {"key": run.key, "notebook": run.notebook.path.name, "parameters": run.parameters,
-              "seconds": round(time.perf_counter() - start, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "seconds": round(time.perf_counter() - start, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "outputs": _output_digests(run)}
     run.record.write_text(json.dumps(record, indent=1) + "\n")
     return None
 
@@ -571,7 +577,11 @@ def build_book(
     if not prompt.strip():
         raise PromptError("the prompt is empty; give at least one token of text")
     if dtype not in DTYPES:
-        raise BookBuildError(f"dtype {dtype!r} is not one of {DTYPES}")
+        raise BookBuildError(f"dtype {dtype!r} is not one of {tuple(DTYPES)}")
+    check_int(jobs, "jobs", minimum=1)
+    empty = [m for m in models if not isinstance(m, str) or not m.strip()]
+    if empty:  # the notebooks resolve the names (a test book uses its own); only an empty one is wrong here
+        raise BookBuildError(f"model names must be non-empty strings, got {empty}")
     slugs = [model_slug(m) for m in models]
     if len(set(slugs)) != len(slugs):
         raise BookBuildError(f"models {models} do not have distinct output names ({slugs}); name each once")
@@ -602,7 +612,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"embedded short name, hub id or local path; repeat for several "
                              f"(default: {', '.join(DEFAULT_MODELS)})")
     parser.add_argument("--prompt", help=f"the prompt every notebook analyses (default: {DEFAULT_PROMPT!r})")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype the models run in (default: float32)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype the models run in (default: float32)")
     parser.add_argument("--fast", action="store_true",
                         help=f"CI configuration: {', '.join(FAST_MODELS)} only, prompt {FAST_PROMPT!r}, notebooks "
                              "get fast=True (fewer layers and tokens)")

@@ -1,4 +1,4 @@
-"""The `lllm` command: jacobian, analyze, book, sweep. Each subcommand lives beside its logic."""
+"""The `lllm` command: jacobian, analyze, book, sweep, cache. Each subcommand lives beside its logic."""
 
 from __future__ import annotations
 
@@ -14,13 +14,21 @@ SUBCOMMANDS = {
     "analyze": ("lllm.analysis", "everything for one prompt: final and layer-wise Jacobians, SVDs, decodings"),
     "book": ("lllm.book", "run every notebook for every model through papermill, then build the book"),
     "sweep": ("lllm.sweep", "the per-prompt analysis over a prompt set, locally or on a Dask cluster"),
+    "cache": ("lllm.cache", "what lllm's cache holds and how large it is; clear it (everything in it is derived)"),
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr, like every other lllm error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; only `command`'s module is imported (all of them when it is None)."""
-    parser = argparse.ArgumentParser(prog="lllm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="lllm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (module, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         if command in (None, name):  # importing torch-heavy modules only for the command that runs
@@ -34,10 +42,26 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else None).parse_args(argv)
     try:
+        if getattr(args, "no_progress", False):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # transformers' own bars (loading weights, writing shards) too
         return int(importlib.import_module(args._module).run(args) or 0)
     except LLLMError as err:
-        print(f"lllm: error: {err}", file=sys.stderr)
+        print(f"lllm: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # the user's own paths: unreadable, unwritable, a full disk
+        where = f": {err.filename}" if err.filename else ""
+        print(f"lllm: error: {_one_line(err.strerror or err)}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lllm: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, the shell's convention
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (messages that quote a model's output may hold newlines)."""
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":

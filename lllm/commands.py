@@ -7,7 +7,7 @@ import time
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+from .models import DTYPES
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,8 +32,16 @@ def run(args: argparse.Namespace) -> int:
     from . import load
     from .decompose import decode_output, per_token_stable_rank
     from .jacobian import detached_jacobian
-    from .store import result_to_record, save_result
+    from .errors import OutputPathError
+    from .store import entry_files_only, result_to_record, save_result
+    from .validation import check_chunk_size, check_int, check_prompt_text, writable_directory
 
+    check_chunk_size(args.chunk_size)
+    check_int(args.top, "--top", minimum=1)
+    check_prompt_text(args.prompt)
+    save = None if args.save is None else writable_directory(args.save, "--save")  # before any work
+    if save is not None and save.is_dir() and not entry_files_only(save):
+        raise OutputPathError(f"--save {save} holds files that lllm did not write; give a new or empty directory")
     start = time.perf_counter()
     model, tokenizer = load(args.model, dtype=DTYPES[args.dtype])
     loaded = time.perf_counter() - start
@@ -53,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
     for token, rank in zip(result.tokens, ranks):
         print(f"  {token!r:>16} {rank:8.3f}")
     print(f"J⁺ {tuple(result.jacobian.shape)} in {result.seconds:.2f} s")
-    if args.save:
+    if save is not None:
         options = {"mlp_split": args.mlp_split, "position": -1}
-        path = save_result(args.save, *result_to_record(result, model=model, prompt=args.prompt, options=options))
+        path = save_result(save, *result_to_record(result, model=model, prompt=args.prompt, options=options))
         print(f"saved      {path}")
     return 0

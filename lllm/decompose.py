@@ -20,8 +20,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .errors import LLLMError, UnsupportedModelError
+from .errors import ArgumentError, LLLMError, UnsupportedModelError
 from .jacobian import JacobianResult
+from .validation import check_int, check_type
 
 SIGNS = ("positive", "both")  # decode vec only, or vec and -vec
 
@@ -68,18 +69,25 @@ def svd(matrix: torch.Tensor, k: int | None = None, *, reference: torch.Tensor |
     The top k are the leading part of the exact thin SVD (torch.linalg.svd, full_matrices=False):
     no randomized method, so repeated calls give identical results.
     """
+    check_type(matrix, torch.Tensor, "matrix")
     if matrix.ndim != 2:
         raise LLLMError(f"svd needs a 2-D matrix, got shape {tuple(matrix.shape)}")
     return _batched_svd(matrix[None], k, reference)[0]
 
 
+def _decomposable(matrix: torch.Tensor) -> torch.Tensor:
+    """matrix in a dtype torch's SVD kernels take: float16 and bfloat16 are decomposed in float32."""
+    return matrix.float() if matrix.dtype in (torch.float16, torch.bfloat16) else matrix
+
+
 def _batched_svd(blocks: torch.Tensor, k: int | None, reference: torch.Tensor | None) -> list[SVD]:
     """One oriented SVD per matrix of blocks: (B, m, n), all sharing the same reference (m,) or None."""
+    blocks = _decomposable(blocks)
     _, m, n = blocks.shape
     full = min(m, n)
-    k = full if k is None else k
+    k = full if k is None else check_int(k, "k")
     if not 1 <= k <= full:
-        raise LLLMError(f"k must be between 1 and min(m, n) = {full}, got {k}")
+        raise ArgumentError(f"k must be between 1 and min(m, n) = {full}, got {k}")
     if reference is not None and reference.shape != (m,):
         raise LLLMError(f"the reference vector must have shape ({m},) to orient left singular vectors, got "
                         f"{tuple(reference.shape)}")
@@ -113,7 +121,7 @@ def left_spectrum(matrix: torch.Tensor, k: int, *, reference: torch.Tensor | Non
     if matrix.ndim != 2 or matrix.shape[0] > matrix.shape[1]:
         raise LLLMError(f"left_spectrum needs a wide 2-D matrix (m ≤ n), got shape {tuple(matrix.shape)}")
     if not 1 <= k <= matrix.shape[0]:
-        raise LLLMError(f"k must be between 1 and {matrix.shape[0]}, got {k}")
+        raise ArgumentError(f"k must be between 1 and {matrix.shape[0]}, got {k}")
     wide = matrix.to(torch.float64)
     eigenvalues, vectors = torch.linalg.eigh(wide @ wide.mT)  # ascending
     S = eigenvalues.flip(0).clamp_min(0).sqrt().to(matrix.dtype)
@@ -131,12 +139,14 @@ def singular_values_wide(matrix: torch.Tensor) -> torch.Tensor:
 
 def token_svds(result: JacobianResult, k: int | None = None) -> list[SVD]:
     """SVD of every block J⁺ᵢ: (d_out, d_in), i = 0..T-1, oriented by the output y (reference)."""
+    check_type(result, JacobianResult, "result", "pass what lllm.detached_jacobian returned")
     blocks = result.jacobian.permute(1, 0, 2)  # (T, d_out, d_in)
     return _batched_svd(blocks, k, result.output)
 
 
 def combined_svd(result: JacobianResult, k: int | None = None) -> SVD:
     """SVD of the token-combined matrix [J⁺₀ … J⁺_T]: (d_out, T·d_in), oriented by y."""
+    check_type(result, JacobianResult, "result", "pass what lllm.detached_jacobian returned")
     return svd(result.combined, k, reference=result.output)
 
 
@@ -156,7 +166,7 @@ def stable_rank(spectrum_or_matrix: torch.Tensor | SVD) -> float:
                             f"{spectrum_or_matrix.k}. Compute it with k=None or pass the matrix itself.")
         spectrum = spectrum_or_matrix.S
     elif spectrum_or_matrix.ndim == 2:
-        spectrum = torch.linalg.svdvals(spectrum_or_matrix)
+        spectrum = torch.linalg.svdvals(_decomposable(spectrum_or_matrix))
     elif spectrum_or_matrix.ndim == 1:
         spectrum = spectrum_or_matrix
     else:
@@ -167,7 +177,7 @@ def stable_rank(spectrum_or_matrix: torch.Tensor | SVD) -> float:
 
 def per_token_stable_rank(result: JacobianResult) -> torch.Tensor:
     """R of every block J⁺ᵢ: (T,)."""
-    return _stable_rank(torch.linalg.svdvals(result.jacobian.permute(1, 0, 2)))
+    return _stable_rank(torch.linalg.svdvals(_decomposable(result.jacobian.permute(1, 0, 2))))
 
 
 def _stable_rank(spectrum: torch.Tensor) -> torch.Tensor:
@@ -255,10 +265,12 @@ def _decode(
 ) -> Decoded | list[Decoded]:
     """Shared decoding: score every token for each row of vec (and of -vec), keep the top k, in order."""
     vocab, d = weight.shape
+    check_type(vec, torch.Tensor, "the vector to decode")
+    k = check_int(k, "k")
     if signs not in SIGNS:
-        raise LLLMError(f"signs must be one of {SIGNS}, got {signs!r}")
+        raise ArgumentError(f"signs must be one of {SIGNS}, got {signs!r}")
     if not 1 <= k <= vocab:
-        raise LLLMError(f"k must be between 1 and the vocabulary size {vocab}, got {k}")
+        raise ArgumentError(f"k must be between 1 and the vocabulary size {vocab}, got {k}")
     if vec.ndim not in (1, 2) or vec.shape[-1] != d:
         raise LLLMError(f"expected a vector (d,) or vectors (n, d) with d = {d}, got shape {tuple(vec.shape)}")
     rows = vec.detach().reshape(-1, d).to(device=weight.device, dtype=weight.dtype)  # (n, d)
@@ -311,8 +323,8 @@ def row_col_features(
     """The n_features largest-norm rows and columns of block: (d_out, d_in), decoded to tokens (Fig 4A)."""
     if block.ndim != 2:
         raise LLLMError(f"row_col_features needs one Jacobian block (d_out, d_in), got shape {tuple(block.shape)}")
-    if not 1 <= n_features <= min(block.shape):
-        raise LLLMError(f"n_features must be between 1 and {min(block.shape)}, got {n_features}")
+    if not 1 <= check_int(n_features, "n_features") <= min(block.shape):
+        raise ArgumentError(f"n_features must be between 1 and {min(block.shape)}, got {n_features}")
     row_norms = torch.linalg.vector_norm(block, dim=1)
     col_norms = torch.linalg.vector_norm(block, dim=0)
     rows = torch.topk(row_norms, n_features).indices
@@ -336,8 +348,10 @@ def decode_svd(
     T·d) is decoded token by token ("v_by_token", T entries). Returns one JSON-serializable dict per
     triplet: {"index", "singular_value", "u", "v" or "v_by_token"}.
     """
+    check_type(decomposition, SVD, "decomposition", "pass one SVD, e.g. lllm.token_svds(result)[-1]")
+    check_int(k_vectors, "k_vectors")
     if not 1 <= k_vectors <= decomposition.k:
-        raise LLLMError(f"k_vectors must be between 1 and the SVD's {decomposition.k} triplets, got {k_vectors}")
+        raise ArgumentError(f"k_vectors must be between 1 and the SVD's {decomposition.k} triplets, got {k_vectors}")
     d = model.get_input_embeddings().embedding_dim
     u_tokens = decode_output(decomposition.U[:, :k_vectors].mT, model, tokenizer, k_tokens,
                              through_norm=through_norm, signs=signs)
@@ -370,6 +384,6 @@ def projection_onto(reference: SVD, decomposition: SVD, k: int = 2) -> torch.Ten
         raise LLLMError(f"left singular vectors of different spaces: {reference.U.shape[0]} vs "
                         f"{decomposition.U.shape[0]} entries")
     if not 1 <= k <= min(reference.k, decomposition.k):
-        raise LLLMError(f"k must be between 1 and {min(reference.k, decomposition.k)}, got {k}")
+        raise ArgumentError(f"k must be between 1 and {min(reference.k, decomposition.k)}, got {k}")
     dtype = torch.promote_types(reference.U.dtype, decomposition.U.dtype)
     return decomposition.U[:, :k].to(dtype).mT @ reference.U[:, :k].to(dtype)

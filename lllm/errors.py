@@ -39,3 +39,31 @@ class LinearizationError(UnsupportedModelError):
 
 class ReplayError(LinearizationError):
     """A recorded forward cannot be replayed on these inputs (a batch, a token window); reverse mode still works."""
+
+
+class ArgumentError(LLLMError, ValueError):
+    """An argument of the API or the CLI is of the wrong type or out of range (checked before any work)."""
+
+
+class OutputPathError(LLLMError):
+    """An output path cannot be written, or writing it would replace an input or a file lllm did not write."""
+
+
+class OperatorError(LLLMError, ValueError):
+    """A DetachedOperator misused: wrong tangent shape, k out of range, or use outside its `with` block."""
+
+
+class SweepError(LLLMError):
+    """A sweep cannot start: bad arguments, prompts or an output that belongs to another sweep."""
+
+
+class SweepIncompleteError(LLLMError):
+    """Some batches failed outside their prompts' analysis (a lost worker, a model that does not load)."""
+
+
+class NotebookMetadataError(LLLMError):
+    """A notebook in the notebooks directory lacks valid ``lllm`` metadata, or two share a chapter."""
+
+
+class BookBuildError(LLLMError):
+    """The book cannot be made as asked: a missing directory, an unknown chapter, clashing model names."""

@@ -21,8 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .decompose import token_svds
-from .errors import LLLMError, PromptError
+from .errors import PromptError
 from .jacobian import JacobianResult, detached_jacobian, tokenize
+from .validation import check_int
 
 
 @dataclass
@@ -77,8 +78,7 @@ def start_ids(tokenizer, prompt_or_ids: str | Sequence[int] | torch.Tensor | Non
 
 def _check_length(model: nn.Module, n_prompt: int, n_tokens: int) -> None:
     """Refuse a non-positive token count, or a continuation longer than the model's positions."""
-    if not isinstance(n_tokens, int) or n_tokens < 1:
-        raise LLLMError(f"n_tokens must be a positive integer, got {n_tokens!r}")
+    check_int(n_tokens, "n_tokens", minimum=1)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and n_prompt + n_tokens > max_pos:
         raise PromptError(f"{n_prompt} prompt tokens + {n_tokens} new tokens exceed the model's {max_pos} positions")

@@ -21,7 +21,8 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .errors import LinearizationError, LLLMError, MemoryBudgetError, PromptError, UnsupportedModelError
-from .oplevel import additive_duals, additive_parameters, detached
+from .oplevel import MLP_SPLITS, additive_duals, additive_parameters, detached
+from .validation import check_choice, check_chunk_size, check_position, grad_enabled, token_id_list
 
 # Largest reconstruction error that a complete linearization can show, by dtype; above it a
 # nonlinearity escaped the patches and the result is refused rather than returned.
@@ -75,8 +76,10 @@ def tokenize(tokenizer, prompt_or_ids: str | Sequence[int] | torch.Tensor) -> li
         if not prompt_or_ids.strip():
             raise PromptError("the prompt is empty; give at least one token of text (or token ids)")
         ids = tokenizer(prompt_or_ids)["input_ids"]
+    elif prompt_or_ids is None:
+        raise PromptError("the prompt is None; give text or a list of token ids")
     else:
-        ids = [int(i) for i in torch.as_tensor(prompt_or_ids).reshape(-1).tolist()]
+        ids = token_id_list(prompt_or_ids)
     if len(ids) == 0:
         raise PromptError("the prompt has no tokens")
     return ids
@@ -146,6 +149,7 @@ def bias_term(model: nn.Module, x: torch.Tensor, position: int = -1) -> torch.Te
     return torch.zeros_like(x[0]) if tangent is None else tangent.detach()
 
 
+@grad_enabled
 def jvp_reconstruction(model: nn.Module, x: torch.Tensor, position: int = -1, *, detach: bool = True) -> torch.Tensor:
     """Σᵢ Jᵢ xᵢ: (d,) from one forward-mode JVP with tangent x, without forming J (c not included).
 
@@ -209,6 +213,7 @@ def reverse_jacobian(y: torch.Tensor, x: torch.Tensor, chunk_size: int, progress
     return jac
 
 
+@grad_enabled  # users call it from evaluation code, under no_grad or inference_mode
 def detached_jacobian(
     model: nn.Module,
     tokenizer,
@@ -224,7 +229,9 @@ def detached_jacobian(
 
     The result is self-checked: a detached J⁺ that does not reconstruct y raises LinearizationError.
     """
+    chunk_size, mlp_split = check_chunk_size(chunk_size), check_choice(mlp_split, "mlp_split", MLP_SPLITS)
     token_ids = tokenize(tokenizer, prompt_or_ids)
+    check_position(position, len(token_ids))
     x0 = embed(model, token_ids)  # (T, d)
     d_out = text_config(model).hidden_size
     chunk_size = chunk_size or default_chunk_size(d_out)

@@ -41,6 +41,7 @@ from .errors import MemoryBudgetError, ReplayError, UnsupportedModelError
 from .parts import SUBMODULE_NAMES, DecoderParts, decoder_parts
 from .jacobian import embed, refusing_raw_errors, relative_error, reverse_jacobian, self_check, text_config, tokenize
 from .oplevel import additive_duals, additive_parameters, detached
+from .validation import check_choice, check_components, check_int, check_layers, check_position, grad_enabled
 
 COMPONENTS = ("layer", "attn", "mlp")
 METHODS = ("auto", "forward", "reverse")
@@ -212,6 +213,7 @@ def _choose(method: str, forward_cost: float, reverse_cost: float) -> str:
     return "forward" if forward_cost <= REVERSE_COST * reverse_cost else "reverse"
 
 
+@grad_enabled
 def cumulative_jacobians(
     model: nn.Module,
     tokenizer,
@@ -227,13 +229,16 @@ def cumulative_jacobians(
     progress: bool = True,
 ) -> LayerJacobians:
     """Cumulative J⁺: input embeddings → each layer/attention/MLP output at `position` (Fig. 6A–C)."""
+    components, chunk_size = check_components(components, COMPONENTS), check_int(chunk_size, "chunk_size", minimum=1)
+    layers = check_layers(layers, text_config(model).num_hidden_layers)
+    check_choice(method, "method", METHODS)
     token_ids = tokenize(tokenizer, prompt_or_ids)
+    position = check_position(position, len(token_ids))
     x0 = embed(model, token_ids)  # (T, d)
-    n_layers, d = text_config(model).num_hidden_layers, x0.shape[-1]
-    layers = list(range(n_layers)) if layers is None else sorted({ell % n_layers for ell in layers})
+    d = x0.shape[-1]
     T, keys = len(token_ids), [(ell, c) for ell in layers for c in components]
     _check_result_fits(len(keys), d, T, d, x0.dtype)
-    depth, position = layers[-1] + 1, position % T
+    depth = layers[-1] + 1
     # forward: T·d basis tangents through `depth` layers; reverse: d rows back through T tokens and ℓ+1 layers each
     chosen = _choose(method, d * _forward_token_layers(position, depth), sum(d * T * (ell + 1) for ell, _ in keys))
     run = lambda how: _cumulative(model, tokenizer, token_ids, x0, layers, components, position,  # noqa: E731
@@ -244,6 +249,7 @@ def cumulative_jacobians(
     return result
 
 
+@grad_enabled
 def layerwise_jacobians(
     model: nn.Module,
     tokenizer,
@@ -258,13 +264,15 @@ def layerwise_jacobians(
     progress: bool = True,
 ) -> LayerJacobians:
     """Layer-wise J⁺: layer ℓ alone, input hidden states (T, d) → its outputs at `position` (Fig. 6D)."""
+    components, chunk_size = check_components(components, COMPONENTS), check_int(chunk_size, "chunk_size", minimum=1)
+    layers = check_layers(layers, text_config(model).num_hidden_layers)
+    check_choice(method, "method", METHODS)
     token_ids = tokenize(tokenizer, prompt_or_ids)
+    position = check_position(position, len(token_ids))
     x0 = embed(model, token_ids)
-    n_layers, d = text_config(model).num_hidden_layers, x0.shape[-1]
-    layers = list(range(n_layers)) if layers is None else sorted({ell % n_layers for ell in layers})
+    d = x0.shape[-1]
     T, keys = len(token_ids), [(ell, c) for ell in layers for c in components]
     _check_result_fits(len(keys), d, T, d, x0.dtype)
-    position = position % T
     chosen = _choose(method, d * T * T, d * T * len(components))  # its basis sweep runs every token (no window)
     run = lambda how: _layerwise(model, tokenizer, token_ids, x0, layers, components, position,  # noqa: E731
                                     mlp_split, how, chunk_size, progress)

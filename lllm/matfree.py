@@ -33,17 +33,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .decompose import _orientation, svd
-from .errors import LLLMError, MemoryBudgetError, PromptError
+from .errors import MemoryBudgetError, OperatorError, PromptError
 from .jacobian import (
     self_check, bias_term, embed, estimate_jacobian_bytes, final_hidden, relative_error, text_config, tokenize,
 )
-from .oplevel import detached
+from .oplevel import MLP_SPLITS, detached
+from .validation import check_choice, check_chunk_size, check_int, check_position, grad_enabled
 
 STRATEGIES = ("auto", "exact", "randomized")
-
-
-class OperatorError(LLLMError, ValueError):
-    """A DetachedOperator misused: wrong tangent shape, k out of range, or use outside its `with` block."""
 
 
 @dataclass
@@ -79,15 +76,17 @@ class DetachedOperator:
         *, chunk_size: int | None = None,
     ):
         d = model.config.hidden_size
+        if not isinstance(x, torch.Tensor):
+            raise OperatorError(f"x must be a tensor of input embeddings (T, {d}), got {type(x).__name__}; "
+                                "use DetachedOperator.from_prompt for text or token ids")
         if x.ndim != 2 or x.shape[1] != d or x.shape[0] == 0:
             raise OperatorError(f"x must be input embeddings of shape (T ≥ 1, {d}), got {tuple(x.shape)}")
         if x.dtype != model.dtype:
             raise OperatorError(f"x is {x.dtype} but the model is {model.dtype}")
-        if not -x.shape[0] <= position < x.shape[0]:
-            raise PromptError(f"position {position} is outside the {x.shape[0]}-token prompt")
-        self.model, self.inputs, self.mlp_split = model, x.detach(), mlp_split
-        self.position = position % x.shape[0]
-        self.chunk_size = chunk_size or product_chunk_size(model, x.shape[0], x.dtype)
+        self.model, self.inputs = model, x.detach()
+        self.mlp_split = check_choice(mlp_split, "mlp_split", MLP_SPLITS)
+        self.position = check_position(position, x.shape[0])
+        self.chunk_size = check_chunk_size(chunk_size) or product_chunk_size(model, x.shape[0], x.dtype)
         self.counts = ProductCount()
         self.output: torch.Tensor | None = None  # y (d_out,), set on entry
         self.bias: torch.Tensor | None = None  # c (d_out,) for models with biases, set on entry
@@ -120,6 +119,7 @@ class DetachedOperator:
     def dtype(self) -> torch.dtype:
         return self.inputs.dtype
 
+    @grad_enabled
     def __enter__(self) -> DetachedOperator:
         if self._stack is not None:
             raise OperatorError("this DetachedOperator is already open")
@@ -161,6 +161,7 @@ class DetachedOperator:
         if self._stack is None:
             raise OperatorError("the DetachedOperator is closed: use it inside `with DetachedOperator(...) as op:`")
 
+    @grad_enabled
     def matvec(self, tangents: torch.Tensor) -> torch.Tensor:
         """J V: tangents (B, T, d_in) → (B, d_out), by batched backwards through the graph of Jᵀu."""
         self._require_open()
@@ -171,6 +172,7 @@ class DetachedOperator:
         self.counts.jvp += tangents.shape[0]
         return torch.cat(out) if out else tangents.new_zeros(0, self.d_out, dtype=self.dtype)
 
+    @grad_enabled
     def rmatvec(self, cotangents: torch.Tensor) -> torch.Tensor:
         """Jᵀ U: cotangents (B, d_out) → (B, T, d_in), every token's J⁺ᵢᵀu from one batched backward."""
         self._require_open()
@@ -269,8 +271,8 @@ def topk_svd(
     matrix = _Matrix(op, token)
     max_rank = min(op.d_out, matrix.n)
     block = min(k + oversample if block_size is None else block_size, max_rank)
-    if not 1 <= k <= max_rank:
-        raise OperatorError(f"k must be between 1 and {max_rank} for this matrix, got {k}")
+    if not 1 <= check_int(k, "k") <= max_rank:
+        raise OperatorError(f"k must be between 1 and {max_rank} for this matrix, got {k!r}")
     if oversample < 0 or power_iters < 0 or block < 1:
         raise OperatorError(
             f"need oversample ≥ 0, power_iters ≥ 0, block_size ≥ 1; got {oversample}, {power_iters}, {block}"
@@ -330,8 +332,8 @@ def all_token_topk(
     op._require_open()
     if strategy not in STRATEGIES:
         raise OperatorError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if not 1 <= k <= min(op.d_out, op.d_in):
-        raise OperatorError(f"k must be between 1 and {min(op.d_out, op.d_in)}, got {k}")
+    if not 1 <= check_int(k, "k") <= min(op.d_out, op.d_in):
+        raise OperatorError(f"k must be between 1 and {min(op.d_out, op.d_in)}, got {k!r}")
     budget = psutil.virtual_memory().available // 4 if memory_budget is None else memory_budget
     tokens_per_pass = min(op.n_tokens, budget // (op.d_out * op.d_in * (torch.finfo(op.dtype).bits // 8)))
     exact_cost = math.ceil(op.n_tokens / tokens_per_pass) * op.d_out if tokens_per_pass else math.inf

@@ -5,18 +5,23 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
-import shutil
 import re
+import shutil
+import socket
 import struct
-import tempfile
+import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lllm.errors import LLLMError, ModelFileError, UnknownModelError, UnsupportedModelError
+from lllm.errors import ArgumentError, ModelFileError, UnknownModelError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,9 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     )
 }
 
+# The dtypes a model can be loaded in, by the names the CLI and the book accept.
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 # A hub id is exactly owner/name; anything else that is not a path is a typo of a short name.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -132,33 +140,72 @@ def _part_paths(spec: EmbeddedModel) -> list[Path]:
     return paths
 
 
-def _stamp_matches(stamp: Path, target: Path, sha256: str) -> bool:
-    """True if the sidecar stamp vouches for target as it is now (same path, size and mtime)."""
+def _content_check(path: Path) -> dict[str, int]:
+    """Size and CRC-32 of a file: a cheap check (about 2 GB/s) that catches flipped or truncated bytes."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+    return {"size": path.stat().st_size, "crc32": crc}
+
+
+def _host() -> str:
+    """This machine's name, without dots, as temporaries carry it (a cache may be shared between machines)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _temporary(target: Path, what: str = "tmp") -> Path:
+    """A hidden, unique sibling of target that names this machine and process, so that a later run can tell
+    whether its writer is gone: .<name>.<what>.<host>.<pid>.<random>.tmp"""
+    return target.with_name(f".{target.name}.{what}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+_TEMPORARY = re.compile(r"^\..+\.([A-Za-z0-9_-]+)\.(\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def remove_dead_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporaries in `directory` whose process on this machine no longer runs (a Ctrl-C, a kill)."""
+    removed = []
+    for path in directory.glob(".*.tmp") if directory.is_dir() else ():
+        match = _TEMPORARY.match(path.name)
+        if match is None or match.group(1) != _host() or _alive(int(match.group(2))):
+            continue  # another machine's, or a live writer's
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this pid runs (ours counts: its temporary may be in use)."""
     try:
-        data = json.loads(stamp.read_text())
-        st = target.stat()
-    except (OSError, ValueError):
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    return data == {"path": str(target), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
+    except PermissionError:
+        return True
+    return True
 
 
-def _write_stamp(stamp: Path, target: Path, sha256: str) -> None:
-    """Record that target hashed to sha256 at its current size and mtime (best effort)."""
-    st = target.stat()
-    data = {"path": str(target), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
+def _remove_tree(path: Path) -> None:
+    """Take a directory out of view with one rename, then delete it (a cache that cannot be changed keeps it)."""
+    trash = _temporary(path, "trash")
     try:
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps(data))
-    except OSError:
-        pass  # a read-only cache only costs a re-hash next time
+        os.replace(path, trash)
+    except OSError:  # gone already, or a read-only cache
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _assemble(sources: list[Path], target: Path, expected: str) -> str:
     """Concatenate sources into target atomically (tmp + os.replace) if they hash to expected; return their sha256."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
+    remove_dead_temporaries(target.parent)
+    tmp = _temporary(target)
     try:
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "wb") as out:
             for src in sources:
                 with open(src, "rb") as f:
                     while block := f.read(1 << 22):
@@ -167,7 +214,7 @@ def _assemble(sources: list[Path], target: Path, expected: str) -> str:
             os.fsync(out.fileno())
         got = _sha256(Path(tmp))  # hash the written file, not the stream, so a bad write is caught too
         if got == expected:
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; a shared cache must be readable
+            os.chmod(tmp, 0o644)  # a shared cache must be readable
             os.replace(tmp, target)
         return got
     finally:
@@ -176,35 +223,30 @@ def _assemble(sources: list[Path], target: Path, expected: str) -> str:
 
 
 def embedded_model_path(name: str) -> Path:
-    """Path of the embedded model's GGUF file, assembled once into the cache and sha256-verified."""
+    """Path of the embedded model's GGUF file, sha256-verified on every call (chunked models assembled once
+    into the cache; an assembled copy that no longer verifies is assembled again)."""
     spec = _embedded(name)
     sources = _part_paths(spec)
-    model_dir = cache_dir() / "models" / spec.name
-    # A model shipped whole is verified where pip put it; only chunked models are assembled.
-    target = sources[0] if len(sources) == 1 else model_dir / spec.filename
-    stamp = model_dir / (spec.filename + ".sha256")
+    if len(sources) == 1:  # shipped whole: verified where pip put it, not copied
+        got = _sha256(sources[0])
+        if got != spec.sha256:
+            raise ModelFileError(f"{sources[0]} (embedded model {spec.name!r}) has sha256 {got}, expected "
+                                 f"{spec.sha256}. Reinstall it: {spec.install_command(True)}")
+        return sources[0]
+    target = cache_dir() / "models" / spec.name / spec.filename
     if target.is_file():
-        if _stamp_matches(stamp, target, spec.sha256):
-            return target
         got = _sha256(target)
-        if got != spec.sha256:
-            if len(sources) == 1:
-                fix = f"reinstall it: {spec.install_command(True)}"
-            else:
-                fix = (f"delete {target} so that it is assembled again; if that fails too, reinstall: "
-                       f"{spec.install_command(True)}")
-            raise ModelFileError(
-                f"{target} (embedded model {spec.name!r}) has sha256 {got}, expected {spec.sha256}. To fix, {fix}"
-            )
-    else:
-        got = _assemble(sources, target, spec.sha256)
-        if got != spec.sha256:
-            raise ModelFileError(
-                f"assembling {spec.name!r} from {', '.join(map(str, sources))} gave sha256 {got}, expected "
-                f"{spec.sha256}: the installed chunk packages are not the pinned ones or are damaged. Reinstall: "
-                f"{spec.install_command(True)}"
-            )
-    _write_stamp(stamp, target, spec.sha256)
+        if got == spec.sha256:
+            return target
+        log.warning("%s (embedded model %r, assembled in lllm's cache) has sha256 %s, expected %s: it is corrupt; "
+                    "assembling it again from the installed packages", target, spec.name, got, spec.sha256)
+    got = _assemble(sources, target, spec.sha256)
+    if got != spec.sha256:
+        raise ModelFileError(
+            f"assembling {spec.name!r} from {', '.join(map(str, sources))} gave sha256 {got}, expected "
+            f"{spec.sha256}: the installed chunk packages are not the pinned ones or are damaged. Reinstall: "
+            f"{spec.install_command(True)}"
+        )
     return target
 
 
@@ -223,7 +265,7 @@ def _check_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, dtype)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise LLLMError(f"dtype must be a torch floating dtype such as torch.float32 or torch.float64, got {dtype!r}")
+        raise ArgumentError(f"dtype must be a torch floating dtype such as torch.float32 or torch.float64, got {dtype!r}")
     return dtype
 
 
@@ -241,8 +283,26 @@ def _check_gguf(path: Path) -> None:
         raise ModelFileError(f"{path} is truncated: its tensors need {end} bytes, the file has {path.stat().st_size}")
 
 
+def check_model_reference(name_or_path: Any) -> None:
+    """Refuse, without reading any weights, what cannot name a model: not an embedded short name, an existing
+    path, or a hub id of the form owner/name."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ArgumentError(f"the model must be a short name ({', '.join(list_embedded())}), a hub id, a local "
+                            f"directory or a .gguf file; got {type(name_or_path).__name__} {name_or_path!r}")
+    text = os.fspath(name_or_path)
+    if not str(text).strip():
+        raise UnknownModelError(f"the model name is empty; give a short name ({', '.join(list_embedded())}), "
+                                "a hub id, a local directory or a .gguf file")
+    if text not in EMBEDDED_MODELS and not Path(text).expanduser().exists() and not _HUB_ID.match(text):
+        raise UnknownModelError(
+            f"{text!r} is not an embedded model ({', '.join(list_embedded())}), an existing .gguf file or "
+            f"model directory, or a hub id of the form owner/name"
+        )
+
+
 def _resolve(name_or_path: str | os.PathLike) -> dict[str, Any]:
     """Where to load from: provenance dict plus 'where' (dir or hub id) and 'gguf_file' (or None)."""
+    check_model_reference(name_or_path)
     text = os.fspath(name_or_path)
     if isinstance(name_or_path, str) and text in EMBEDDED_MODELS:
         spec = EMBEDDED_MODELS[text]
@@ -262,10 +322,7 @@ def _resolve(name_or_path: str | os.PathLike) -> dict[str, Any]:
     if _HUB_ID.match(text):
         return {"name": text, "path": None, "sha256": None, "family": None, "where": text, "gguf_file": None,
                 "hub": True}
-    raise UnknownModelError(
-        f"{text!r} is not an embedded model ({', '.join(list_embedded())}), an existing .gguf file or "
-        f"model directory, or a hub id of the form owner/name"
-    )
+    raise ModelFileError(f"{path} is neither a file nor a directory; pass a .gguf file or a model directory")
 
 
 def _hub_offline() -> bool:
@@ -299,8 +356,9 @@ def _from_pretrained(cls: Any, source: dict[str, Any], **kwargs: Any) -> Any:
                 f"{where!r} is not in the local Hugging Face cache and could not be fetched: {exc}. "
                 f"Embedded short names: {', '.join(list_embedded())}"
             ) from exc
-        file_errors = (OSError, ValueError, KeyError, IndexError, struct.error) if gguf_file else (OSError,)
-        if isinstance(exc, file_errors):
+        # A local file or directory that does not parse (a truncated model.safetensors raises SafetensorError).
+        file_errors = (OSError, ValueError, KeyError, IndexError, struct.error) if not source.get("hub") else (OSError,)
+        if isinstance(exc, file_errors) or type(exc).__name__ == "SafetensorError":
             raise ModelFileError(f"could not load {source['path']}: {exc}") from exc
         raise
 
@@ -315,25 +373,93 @@ def _dense_copy(source: dict[str, Any], dtype: torch.dtype) -> Path | None:
     return cache_dir() / "dense" / tag
 
 
-def _write_dense_copy(model: Any, tokenizer: Any, target: Path) -> None:
-    """save_pretrained into a temporary sibling, then one rename: readers never see half a copy."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+DENSE_MANIFEST = "complete"  # in a dense copy: what it was made from, and every file's size and CRC-32
+
+
+def _write_dense_copy(model: Any, tokenizer: Any, target: Path, source_sha256: str) -> None:
+    """save_pretrained into a temporary sibling, record every file's check, then one rename: readers never see
+    half a copy, and a later change to any byte of it is caught by `_dense_copy_problem`."""
+    tmp = _temporary(target)
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temporaries(target.parent)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "complete").write_text("dequantized from a sha256-verified GGUF\n")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        files = {p.name: _content_check(p) for p in sorted(tmp.iterdir())}
+        manifest = {"made_from_gguf_sha256": source_sha256, "files": files}
+        (tmp / DENSE_MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         os.replace(tmp, target)
-    except OSError:  # another process won the race, or the disk is full: the copy is only a speed-up
+    except OSError as exc:  # another process won the race, or the cache is full or read-only: it is a speed-up
+        if not (target / DENSE_MANIFEST).exists():
+            log.warning("could not write the dense copy %s (%s); the next load dequantizes the GGUF again",
+                        target, exc)
         shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:  # Ctrl-C included: never leave a half-written copy behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _dense_copy_problem(dense: Path, source_sha256: str) -> str | None:
+    """None if every file of the dense copy matches its manifest, else what is wrong with it."""
+    try:
+        text = (dense / DENSE_MANIFEST).read_text()
+        if text.startswith("dequantized from"):
+            return "it was written by an earlier lllm without a record of its files (rebuilt once, then verified)"
+        manifest = json.loads(text)
+        files, made_from = manifest["files"], manifest["made_from_gguf_sha256"]
+        present = {p.name for p in dense.iterdir()} - {DENSE_MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its manifest is missing or unreadable ({type(exc).__name__}: {exc})"
+    if made_from != source_sha256:
+        return f"it was made from the GGUF with sha256 {made_from}, not {source_sha256}"
+    if present != set(files):
+        return f"its files {sorted(present)} are not those it was written with {sorted(files)}"
+    for name, expected in files.items():
+        try:
+            got = _content_check(dense / name)
+        except OSError as exc:
+            return f"{name} cannot be read ({exc})"
+        if got != expected:
+            return f"{name} has size {got['size']} and CRC-32 {got['crc32']}, it was written with {expected}"
+    return None
+
+
+def verified_dense_copy(source: dict[str, Any], dtype: torch.dtype) -> Path | None:
+    """The dense copy of a sha256-verified GGUF if it exists and every byte checks; a corrupt one is removed
+    (and said so), so that it is rebuilt from the GGUF."""
+    dense = _dense_copy(source, dtype)
+    if dense is None or not dense.exists():
+        return None
+    problem = _dense_copy_problem(dense, source["sha256"])
+    if problem is None:
+        return dense
+    log.warning("the dense copy %s of %s cannot be trusted: %s. Removing it and dequantizing the verified GGUF "
+                "again", dense, source["name"], problem)
+    _remove_tree(dense)
+    return None
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists on this machine."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ArgumentError(f"device {device!r} is not a torch device such as 'cpu' or 'cuda:0' ({exc})") from exc
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, True):
+        raise ArgumentError(f"device {str(device)!r} is not available on this machine (torch sees no {device.type}); "
+                            "use device='cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ArgumentError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} "
+                            "CUDA device(s)")
+    return device
 
 
 def load(
     name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, *, device: str | torch.device = "cpu"
 ) -> tuple[Any, Any]:
     """Load (model, tokenizer) in eval mode with eager attention, frozen parameters and provenance attached."""
-    dtype = _check_dtype(dtype)
+    dtype, device = _check_dtype(dtype), _check_device(device)
     source = _resolve(name_or_path)  # before importing transformers, so that bad arguments fail fast
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -341,16 +467,17 @@ def load(
     if source["gguf_file"]:
         # Plain dense weights in `dtype`: packed GGUF blocks would compute in float32 and hide the linear maps.
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    dense = _dense_copy(source, dtype)
-    if dense is not None and (dense / "complete").exists():
+    dense = verified_dense_copy(source, dtype)
+    if dense is not None:
         # The sha256-verified GGUF was dequantized before: its dense copy loads in seconds, not ~30 s.
         tokenizer = AutoTokenizer.from_pretrained(dense)
         model = AutoModelForCausalLM.from_pretrained(dense, dtype=dtype, attn_implementation="eager")
     else:
         tokenizer = _from_pretrained(AutoTokenizer, source)  # first: it fails faster on a bad file
         model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
-        if dense is not None:
-            _write_dense_copy(model, tokenizer, dense)
+        target = _dense_copy(source, dtype)
+        if target is not None:
+            _write_dense_copy(model, tokenizer, target, source["sha256"])
     model.eval()
     if getattr(model.config, "_experts_implementation", "eager") != "eager":
         model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel; eager runs ops lllm can see

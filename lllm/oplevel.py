@@ -50,6 +50,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import CoverageError, LinearizationError, ReplayError, UnsupportedModelError
+from .validation import check_choice
 
 C, F, L, A, N = "C", "F", "L", "A", "N"
 LIVE = (L, A, N)
@@ -979,8 +980,7 @@ def _decomposed_autograd_functions(lin: OpLinearization):
 @contextmanager
 def detached(model: nn.Module, *, mlp_split: str = "activation") -> Iterator[OpLinearization]:
     """Make `model` locally linear in its input embeddings at the op level until exit; restore it after."""
-    if mlp_split not in MLP_SPLITS:
-        raise ValueError(f"mlp_split must be one of {MLP_SPLITS}, got {mlp_split!r}")
+    check_choice(mlp_split, "mlp_split", MLP_SPLITS)
     if getattr(model, "_lllm_detached", False):
         raise UnsupportedModelError("model is already inside an lllm linearization; nesting is not supported")
     audit_modules(model)

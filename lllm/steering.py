@@ -42,12 +42,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import LLLMError, ReplayError, UnsupportedModelError
+from .errors import ArgumentError, LLLMError, ReplayError, UnsupportedModelError
 from .generation import greedy_continuation, next_token_logits
 from .jacobian import embed, relative_error, self_check, text_config, tokenize
 from .parts import decoder_parts
 from .layers import _causal_basis, _check_result_fits, _has_biases, _Trace, _without_biases
 from .oplevel import Recording, detached
+from .validation import grad_enabled
 
 DEFAULT_LAMS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.0)
 
@@ -62,8 +63,8 @@ def _resolve_layer(model: nn.Module, layer: int | None) -> int:
     n_layers = text_config(model).num_hidden_layers
     if layer is None:
         return default_layer(model)
-    if not isinstance(layer, int) or not -n_layers <= layer < n_layers:
-        raise LLLMError(f"layer must be an integer in [-{n_layers}, {n_layers}) for this {n_layers}-layer model, "
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers:
+        raise ArgumentError(f"layer must be an integer in [-{n_layers}, {n_layers}) for this {n_layers}-layer model, "
                         f"got {layer!r}")
     return layer % n_layers
 
@@ -133,6 +134,7 @@ class SteeringOperator:
         return jac
 
 
+@grad_enabled
 def concept_operator(
     model: nn.Module, tokenizer, concept: str | Sequence[int] | torch.Tensor, *, layer: int | None = None,
     mlp_split: str = "activation",
@@ -159,8 +161,8 @@ def concept_operator(
 
 
 def _check_lam(lam: float) -> float:
-    if not isinstance(lam, (int, float)) or not math.isfinite(lam):
-        raise LLLMError(f"λ (lam) must be a finite number (1 leaves the model untouched, 0 is the operator "
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+        raise ArgumentError(f"λ (lam) must be a finite number (1 leaves the model untouched, 0 is the operator "
                         f"alone), got {lam!r}")
     return float(lam)
 

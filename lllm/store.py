@@ -189,7 +189,7 @@ def versions() -> dict[str, str | None]:
 # ----------------------------------------------------------------------------- atomic entries
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a directory's entries (new names, renames) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -209,7 +209,7 @@ def _storable(name: Any, tensor: Any) -> torch.Tensor:
     return tensor
 
 
-def _entry_files_only(path: Path) -> bool:
+def entry_files_only(path: Path) -> bool:
     """True when an existing directory holds nothing but entry files (so replacing it loses nothing else)."""
     return {p.name for p in path.iterdir()} <= {TENSORS_FILE, META_FILE}
 
@@ -240,7 +240,7 @@ def _write_entry(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise CacheError(f"result metadata lacks {missing}; build it with lllm.store.computation_fields()")
-    if path.exists() and not (path.is_dir() and _entry_files_only(path)):
+    if path.exists() and not (path.is_dir() and entry_files_only(path)):
         raise CacheError(f"{path} exists and is not a result entry; refusing to replace it")
     tensors = {name: _storable(name, t) for name, t in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -262,7 +262,7 @@ def _write_entry(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[
             os.fsync(f.fileno())
         with open(tmp / TENSORS_FILE, "rb") as f:
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         while True:
             try:
                 os.replace(tmp, path)  # atomic; refuses a non-empty target: an existing entry
@@ -274,7 +274,7 @@ def _write_entry(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[
                 shutil.rmtree(tmp, ignore_errors=True)  # another writer's entry for the same key stands
                 return stored
             _remove_entry(path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return stored
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -427,7 +427,12 @@ class ResultCache:
             if value is not None or name not in meta:
                 meta[name] = value
         meta["cache"] = {"kind": kind, "key": key}
-        _remove_stale_temporaries(path)
-        # Losing a race to another writer is fine: both computed the same key, and its entry stands.
-        stored = _write_entry(path, tensors, meta, replace=False)
+        try:
+            _remove_stale_temporaries(path)
+            # Losing a race to another writer is fine: both computed the same key, and its entry stands.
+            stored = _write_entry(path, tensors, meta, replace=False)
+        except OSError as exc:  # a read-only or full cache costs the reuse, not the finished result
+            log.warning("the results cache %s cannot be written (%s); the result is returned but not cached",
+                        self.root, exc)
+            return dict(tensors), _as_json_native(meta), False
         return dict(tensors), stored, False

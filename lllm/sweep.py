@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -62,12 +63,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .commands import DTYPES
+from .models import DTYPES
 from .decompose import decode_output, per_token_stable_rank, stable_rank, svd
-from .errors import LLLMError
+from .errors import OutputPathError, SweepError, SweepIncompleteError
 from .jacobian import JacobianResult, check_fits, default_chunk_size, detached_jacobian, embed, tokenize
 from .layers import COMPONENTS, METHODS, cumulative_jacobians
-from .store import _fsync_dir
+from .store import fsync_dir
+from .validation import check_choice, check_components, check_int, writable_file
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +113,6 @@ SCHEMA = pa.schema([
 ])
 
 
-class SweepError(LLLMError):
-    """A sweep cannot start: bad arguments, prompts or an output that belongs to another sweep."""
-
-
-class SweepIncompleteError(LLLMError):
-    """Some batches failed outside their prompts' analysis (a lost worker, a model that does not load)."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Prompts
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +132,10 @@ def read_prompts(path: str | os.PathLike | None = None) -> list[str]:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise SweepError(f"cannot read the prompt file {path}: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            line = Path(path).read_bytes()[: exc.start].count(b"\n") + 1
+            raise SweepError(f"the prompt file {path} is not UTF-8 text (line {line}: {exc.reason}); "
+                             "save it as UTF-8") from exc
     prompts = [line.strip() for line in text.splitlines()]
     return [p for p in prompts if p and not p.startswith("#")]
 
@@ -365,6 +363,10 @@ class PartStore:
 
     def open(self, config: SweepConfig) -> None:
         """Take the lock, check or write the manifest, and delete temporaries of killed runs."""
+        foreign = self.dir.is_dir() and any(not p.name.startswith(".") for p in self.dir.iterdir())
+        if foreign and not (self.dir / self.MANIFEST).exists():
+            raise SweepError(f"{self.dir} exists and is not the parts directory of a sweep; lllm does not write "
+                             "into a directory it did not make. Give another --out")
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock_file = open(self.dir / ".lock", "w")
         try:  # released by the kernel when the holder dies, so a killed run never leaves it stale
@@ -426,7 +428,7 @@ def _fsync_and_replace(tmp: Path, path: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -437,18 +439,17 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def _assemble(store: PartStore, prompts: list[str]) -> pa.Table:
     """The rows of `prompts`, in their order, from the committed parts (prompt_index set by this order)."""
-    table = store.read()
-    ids = table.column("prompt_id").to_pylist()
-    counts = Counter(ids)
-    repeated = [i for i, n in counts.items() if n > 1]
-    if repeated:  # a safety net: one run per lock and only missing prompts computed, so never expected
-        log.warning("prompt ids %s have more than one committed row; keeping the first", repeated[:5])
-    first = {}
-    for position, pid in enumerate(ids):
-        first.setdefault(pid, position)
-    order = [first[prompt_id(p)] for p in prompts if prompt_id(p) in first]
+    table = store.read()  # parts in the order they were committed
+    ids, errors = table.column("prompt_id").to_pylist(), table.column("error").to_pylist()
+    # A prompt has several rows only when --retry-failed computed a failed one again: keep the latest
+    # successful row, else the latest failure.
+    kept = {}  # prompt id -> the position of the row that stands for it
+    for position, (pid, error) in enumerate(zip(ids, errors)):
+        if pid not in kept or error is None or errors[kept[pid]] is not None:
+            kept[pid] = position
+    order = [kept[prompt_id(p)] for p in prompts if prompt_id(p) in kept]
     selected = table.take(pa.array(order, type=pa.int64()))
-    index = pa.array([i for i, p in enumerate(prompts) if prompt_id(p) in first], type=pa.int64())
+    index = pa.array([i for i, p in enumerate(prompts) if prompt_id(p) in kept], type=pa.int64())
     return selected.set_column(SCHEMA.get_field_index("prompt_index"), SCHEMA.field("prompt_index"), index)
 
 
@@ -525,42 +526,42 @@ def run_sweep(
     threads: int = 1,
     loader: str | Callable = DEFAULT_LOADER,
     progress: bool = True,
+    retry_failed: bool = False,
 ) -> pd.DataFrame:
     """Analyze every prompt with one model; rows are committed as they finish and assembled into `out`.
 
     prompts: a list, a prompt file, or None for the bundled set. Prompts that already have a
-    committed row in `<out>.parts/` are not computed again. threads: torch intra-op threads per
+    committed row in `<out>.parts/` are not computed again; with retry_failed, those whose row holds an
+    error are (their new row replaces it). threads: torch intra-op threads per
     process (1 makes the rows of both engines identical). loader: "module:function" (or such a
     function) called as loader(model_name, torch_dtype) -> (model, tokenizer).
     """
     import lllm
 
-    if engine not in ENGINES:
-        raise SweepError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if dtype not in DTYPES:
-        raise SweepError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    bad = [c for c in components if c not in COMPONENTS]
-    if bad or not components:
-        raise SweepError(f"components must be a non-empty subset of {COMPONENTS}, got {list(components)}")
-    if method not in METHODS:
-        raise SweepError(f"method must be one of {METHODS}, got {method!r}")
-    if min(batch_size, workers, threads) < 1:
-        raise SweepError(f"batch_size, workers and threads must be ≥ 1, got {batch_size}, {workers}, {threads}")
+    check_choice(engine, "engine", ENGINES)
+    check_choice(dtype, "dtype", tuple(DTYPES))
+    components = check_components(components, COMPONENTS)
+    check_choice(method, "method", METHODS)
+    for name, value in (("batch_size", batch_size), ("workers", workers), ("threads", threads)):
+        check_int(value, name, minimum=1)
     if callable(loader):
         loader = f"{loader.__module__}:{loader.__qualname__}"
     layers = check_layers_spec(layers)  # before any model is loaded
-    prompt_list = _unique(read_prompts(prompts) if prompts is None or isinstance(prompts, (str, os.PathLike))
-                          else prompts)
+    prompt_file = prompts if isinstance(prompts, (str, os.PathLike)) else None
+    check_output(out, inputs=[prompt_file])
+    prompt_list = _unique(read_prompts(prompts) if prompts is None or prompt_file is not None else prompts)
     if not prompt_list:
         raise SweepError("there are no prompts to analyze")
+    if engine == "dask" and scheduler is not None:
+        check_scheduler(scheduler)
     config = SweepConfig(model=model_name, dtype=dtype, layers=layers, components=tuple(components), method=method,
                          loader=loader, lllm_version=lllm.__version__)
     store = PartStore(out)
     store.open(config)
     try:
         start, run_id = time.perf_counter(), _run_id()
-        done = set(store.read().column("prompt_id").to_pylist())
-        todo = [p for p in prompt_list if prompt_id(p) not in done]
+        finished = _finished(store, retry_failed)
+        todo = [p for p in prompt_list if prompt_id(p) not in finished]
         batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
         computed = Counter()
 
@@ -595,6 +596,45 @@ def run_sweep(
             f"command computes only those. ({store.out} is not written until every prompt has a row)"
         )
     return load_sweep(store.out)
+
+
+def check_output(out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
+    """`out` as a sweep's result file: writable, not an input, and not a file that lllm did not write."""
+    out = writable_file(out, "--out", inputs=[p for p in inputs if p is not None])
+    if out.exists():
+        try:
+            schema = pq.read_schema(out)
+        except (OSError, pa.ArrowException) as exc:
+            raise OutputPathError(f"--out {out} exists and is not a sweep result ({type(exc).__name__}); "
+                                  "lllm does not overwrite a file it did not write. Give another --out") from None
+        if not set(SCHEMA.names) <= set(schema.names):
+            raise OutputPathError(f"--out {out} is a Parquet file but not a sweep result (it lacks "
+                                  f"{sorted(set(SCHEMA.names) - set(schema.names))[:3]}…); give another --out")
+    return out
+
+
+def check_scheduler(address: str, timeout: float = 5.0) -> None:
+    """Refuse, within `timeout` seconds, a Dask scheduler address where nothing listens."""
+    if not isinstance(address, str) or not address.strip():
+        raise SweepError(f"the scheduler must be an address such as tcp://host:8786, got {address!r}")
+    if "://" in address and not address.startswith("tcp://"):
+        return  # tls://, ucx://, inproc://: Dask itself connects and reports
+    match = re.match(r"^(?:tcp://)?\[?([^\]/]+?)\]?(?::(\d+))?/?$", address.strip())
+    if match is None:
+        raise SweepError(f"--scheduler {address!r} is not an address such as tcp://host:8786")
+    host, port = match.group(1), int(match.group(2) or 8786)  # 8786: Dask's default scheduler port
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise SweepError(f"no Dask scheduler answers at {address} ({exc}); start one (dask scheduler) or leave "
+                         "out --scheduler to run a local cluster") from None
+
+
+def _finished(store: PartStore, retry_failed: bool) -> set[str]:
+    """Ids of the prompts that need no computing: every committed row, or only the successful ones."""
+    rows = store.read().select(["prompt_id", "error"]).to_pylist()
+    return {row["prompt_id"] for row in rows if row["error"] is None or not retry_failed}
 
 
 def _run_id() -> str:
@@ -695,6 +735,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per process; 1 keeps rows identical across engines")
     parser.add_argument("--loader", default=DEFAULT_LOADER, help="module:function returning (model, tokenizer)")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="compute again the prompts whose committed row holds an error")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -711,7 +753,7 @@ def run(args: argparse.Namespace) -> int:
         df = run_sweep(
             args.model, args.prompts, args.out, engine=args.engine, workers=args.workers, scheduler=args.scheduler,
             batch_size=args.batch_size, dtype=args.dtype, threads=args.threads, loader=args.loader,
-            progress=not args.no_progress, **analysis,
+            progress=not args.no_progress, retry_failed=args.retry_failed, **analysis,
         )
     except KeyboardInterrupt:  # Ctrl-C: what is committed stays; say how to go on rather than print a traceback
         store = PartStore(args.out)
@@ -722,6 +764,9 @@ def run(args: argparse.Namespace) -> int:
     last_run = PartStore(args.out).runs()[-1]
     print(f"{summary['n_prompts']} prompts ({last_run['computed']} computed now, {last_run['already_done']} "
           f"already done), {summary['n_failed']} failed; {time.perf_counter() - start:.1f} s → {args.out}")
+    if summary["n_failed"]:
+        print(f"{summary['n_failed']} prompts failed (the error column says why); once the cause is fixed, "
+              "--retry-failed computes them again")
     if summary["median_reconstruction_error"] is not None:
         print(f"median reconstruction error {summary['median_reconstruction_error']:.3e}; "
               f"top U decodes to the prediction in {summary['u1_match_rate']:.0%}")

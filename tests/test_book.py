@@ -166,6 +166,23 @@ def test_unchanged_inputs_are_not_executed_again(session_book, monkeypatch):
     assert [run.label for run in edited.skipped] == ["tiny-figure × tiny"]
 
 
+def test_a_damaged_output_is_executed_again(session_book, monkeypatch):
+    """The executed notebook and its figures are derived files: one flipped byte in any of them re-runs it."""
+    book_dir, notebooks = session_book["book_dir"], session_book["notebooks"]
+    monkeypatch.setattr(book, "code_fingerprint", lambda: FINGERPRINT)
+    figures = sorted(p for p in (book_dir / "generated").rglob("*") if p.is_file() and "tiny" in p.parts
+                     and p.suffix != ".json" and "figures" in p.parts)
+    assert figures, "the tiny figure notebook wrote no file to check"
+    damaged = figures[0]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 1
+    damaged.write_bytes(bytes(data))
+    again = build_book([MODEL], PROMPT, notebooks_dir=notebooks, book_dir=book_dir, build=False, progress=False,
+                       only=["tiny_figure"])
+    assert [run.label for run in again.executed] == ["tiny-figure × tiny"]
+    assert bytes(data) != damaged.read_bytes()  # written again by the run
+
+
 def test_a_change_in_a_declared_data_file_reruns_only_its_notebook(tmp_path):
     notebooks, data = tmp_path / "notebooks", tmp_path / "data"
     notebooks.mkdir(), data.mkdir()

