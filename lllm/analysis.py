@@ -24,11 +24,16 @@ from . import decompose as dec
 from .jacobian import (
     JacobianResult, detached_jacobian, embed, jvp_reconstruction, relative_error, text_config, tokenize,
 )
-from .layers import COMPONENTS, METHODS, LayerJacobians, cumulative_jacobians, layerwise_jacobians
+from .generation import top_next_tokens
+from .layers import (
+    COMPONENTS, METHODS, LayerJacobians, cumulative_jacobians, final_from_cumulative, layerwise_jacobians,
+)
 from .store import ResultCache, model_identity, record_to_result, result_to_record
 from .validation import check_choice, check_components, check_layers, check_prompt_text, writable_directory
 
 ANALYSIS_KIND = "analysis"
+# Part of the cache key: bumped when what an analysis holds changes (2: next tokens from the model's own logits).
+ANALYSIS_FORMAT = 2
 
 
 @dataclass
@@ -58,14 +63,6 @@ class PromptAnalysis:
         return torch.einsum("ldk,dj->lkj", top, top[-1])
 
 
-def _next_tokens(model: nn.Module, tokenizer, y: torch.Tensor, k: int) -> list[dict]:
-    """Top-k next tokens with probabilities from the output embedding y: (d,)."""
-    with torch.no_grad():
-        probs = torch.softmax(model.lm_head(y).double(), -1)
-    top = torch.topk(probs, k)
-    return [{"id": int(i), "token": tokenizer.decode([int(i)]), "prob": float(p)} for p, i in zip(top.values, top.indices)]
-
-
 def _spectra_and_top(jac: LayerJacobians, component: str, reference: torch.Tensor, k: int):
     """(L, d) singular values and (L, d, k) top left singular vectors of each layer's combined matrix."""
     pairs = [dec.left_spectrum(jac.combined(component, ell), k, reference=reference) for ell in jac.layers]
@@ -89,20 +86,22 @@ def analyze(
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     token_ids = tokenize(tokenizer, prompt)
-    final = detached_jacobian(model, tokenizer, token_ids, progress=progress)
+    cumulative = cumulative_jacobians(model, tokenizer, token_ids, layers=layers, components=components,
+                                      method=method, progress=progress)
+    layerwise = layerwise_jacobians(model, tokenizer, token_ids, layers=layers, components=components,
+                                    progress=progress)
+    timings["layer_jacobians"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    # With the last layer in the run, the final J⁺ is its cumulative Jacobian through the final norm: not recomputed.
+    final = final_from_cumulative(model, cumulative) or detached_jacobian(model, tokenizer, token_ids,
+                                                                          progress=progress)
     timings["final_jacobian"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     x = embed(model, token_ids)
     ordinary = jvp_reconstruction(model, x, detach=False)  # Σ Jᵢxᵢ of the ordinary J, from one JVP
     timings["ordinary_reconstruction"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    cumulative = cumulative_jacobians(model, tokenizer, token_ids, layers=layers, components=components,
-                                      method=method, progress=progress)
-    layerwise = layerwise_jacobians(model, tokenizer, token_ids, layers=layers, components=components,
-                                    progress=progress)
-    timings["layer_jacobians"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     svds = dec.token_svds(final)
@@ -121,7 +120,7 @@ def analyze(
         "tokens": final.tokens,
         "layers": cumulative.layers,
         "components": list(components),
-        "next_tokens": _next_tokens(model, tokenizer, final.output, k_tokens),
+        "next_tokens": top_next_tokens(model, tokenizer, token_ids, k_tokens),
         "relative_error": final.relative_error,
         "ordinary_relative_error": relative_error(final.output, ordinary),
         "bias_fraction": None if final.bias is None else float(final.bias.norm() / final.output.norm()),
@@ -205,7 +204,8 @@ def cached_analyze(model: nn.Module, tokenizer, prompt, *, cache: ResultCache | 
     options = {**options, "layers": None if all_layers else layers}
     if "components" in options:
         options["components"] = list(components)
-    key = {"model": model_identity(model), "prompt": prompt, "dtype": str(model.dtype), "options":
+    key = {"model": model_identity(model), "prompt": prompt, "dtype": str(model.dtype), "format": ANALYSIS_FORMAT,
+           "options":
            {k: v for k, v in options.items() if k != "progress"}}
     tensors, meta, _ = cache.get_or_compute(
         ANALYSIS_KIND, key, lambda: analysis_to_record(analyze(model, tokenizer, prompt, **options), model, options)

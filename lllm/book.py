@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
+import itertools
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -132,6 +134,14 @@ class Failure:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class RunCost:
+    """What one execution cost: wall seconds and the peak resident memory of its kernel."""
+
+    seconds: float
+    peak_rss: int  # bytes, sampled every 0.2 s over the kernel process tree
+
+
 @dataclass
 class BookReport:
     """What `build_book` did: which runs executed, were skipped or failed, and the build outcome."""
@@ -146,16 +156,58 @@ class BookReport:
     build_log: Path | None = None
     build_errors: list[str] = field(default_factory=list)  # warnings/errors of a failed build
     html: Path | None = None  # index.html of a successful build
+    costs: dict[str, RunCost] = field(default_factory=dict)  # run label -> what its execution cost
+    jobs: int = 1
 
     @property
     def ok(self) -> bool:
         """True when no notebook failed and the build (if asked for) succeeded."""
         return not self.failures and not self.build_errors
 
+    def rows(self) -> list[dict]:
+        """One row per run: chapter, model, what happened, seconds and peak RSS (MB) of its kernel."""
+        rows = []
+        failed = {failure.label for failure in self.failures}
+        for run in [*self.executed, *self.skipped, *self.failures]:
+            label = run.label
+            cost = self.costs.get(label)
+            rows.append({
+                "notebook": run.notebook.path.name if isinstance(run, Run) else run.notebook,
+                "chapter": run.notebook.chapter if isinstance(run, Run) else run.chapter,
+                "model": run.model, "outcome": "failed" if label in failed else
+                "executed" if cost is not None else "reused",
+                "seconds": None if cost is None else round(cost.seconds, 1),
+                "peak_rss_mb": None if cost is None else round(cost.peak_rss / 2**20),
+            })
+        return rows
+
+    def table(self) -> str:
+        """The rows as a fixed-width table, slowest first, with a total line."""
+        rows = sorted(self.rows(), key=lambda r: -(r["seconds"] or 0))
+        lines = [f"{'chapter':<18} {'model':<20} {'outcome':<9} {'seconds':>8} {'peak RSS':>10}"]
+        for r in rows:
+            seconds = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
+            rss = "" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']} MB"
+            lines.append(f"{r['chapter']:<18} {r['model'] or 'all models':<20} {r['outcome']:<9} {seconds:>8} {rss:>10}")
+        busy = sum(r["seconds"] or 0 for r in rows)
+        lines.append(f"{'total':<49} {busy:>8.1f}  (notebook seconds; {self.run_seconds:.1f} s wall on {self.jobs} "
+                     f"job(s))")
+        return "\n".join(lines)
+
+    def write(self, path: Path) -> Path:
+        """build-report.json: every run's outcome, seconds and peak RSS, and the build's."""
+        report = {"jobs": self.jobs, "run_seconds": round(self.run_seconds, 1), "runs": self.rows(),
+                  "build": {"built": self.built, "seconds": self.build_seconds and round(self.build_seconds, 1)}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")
+        return path
+
     def summary(self) -> str:
         """A human-readable account of the runs, the failures and the build."""
         lines = [f"notebooks: {len(self.executed)} executed, {len(self.skipped)} unchanged (skipped), "
                  f"{len(self.failures)} failed, in {self.run_seconds:.1f} s"]
+        if self.costs:
+            lines.append(self.table())
         if self.failures:
             lines.append(f"{len(self.failures)} notebook run(s) failed:")
             lines += [str(failure) for failure in self.failures]
@@ -340,6 +392,31 @@ def _output_digests(run: Run) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def execute_measured(run: Run) -> tuple[Failure | None, RunCost]:
+    """`execute(run)` with its wall time and the peak RSS of the kernel it starts (sampled in a thread)."""
+    import psutil
+
+    me, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.2):
+            try:
+                kernels = me.children(recursive=True)
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in kernels))
+            except psutil.Error:
+                pass  # a kernel that exited between listing and reading
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    start = time.perf_counter()
+    sampler.start()
+    try:
+        failure = execute(run)
+    finally:
+        done.set()
+        sampler.join()
+    return failure, RunCost(seconds=time.perf_counter() - start, peak_rss=peak[0])
+
+
 def execute(run: Run) -> Failure | None:
     """Execute one run with papermill in the notebooks directory; a Failure if a cell raised, else None."""
     import papermill
@@ -390,17 +467,20 @@ def _python_path_with_this_lllm() -> str:
 
 
 @contextmanager
-def _kernel_environment() -> Iterator[None]:
+def _kernel_environment(threads: int | None = None) -> Iterator[None]:
     """Environment of the notebook kernels (they inherit it): this lllm importable, no progress bars.
 
     PYTHONPATH gets this lllm's parent directory, so that kernels import the lllm that runs the
     driver even from an uninstalled checkout. TQDM_DISABLE turns off every tqdm bar (lllm's and
     transformers' GGUF loading): in an executed notebook they are only hundreds of stderr lines.
     The warning filter silences tqdm.auto's "IProgress not found" on import in a kernel without
-    ipywidgets, which a static offline book could not display anyway.
+    ipywidgets, which a static offline book could not display anyway. `threads` sets the kernels'
+    OpenMP threads (torch's intra-op threads), so that concurrent kernels share the cores.
     """
     warnings = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:IProgress not found:Warning"]))
     overrides = {"PYTHONPATH": _python_path_with_this_lllm(), "TQDM_DISABLE": "1", "PYTHONWARNINGS": warnings}
+    if threads is not None:  # the cores divided among the kernels that run at once
+        overrides.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     saved = {name: os.environ.get(name) for name in overrides}
     os.environ.update(overrides)
     try:
@@ -417,7 +497,7 @@ def execute_all(runs: Sequence[Run], *, jobs: int = 1, force: bool = False, prog
     """Execute every run not unchanged (all of them if `force`), `jobs` at a time, all-models runs last."""
     from tqdm import tqdm
 
-    report = BookReport()
+    report = BookReport(jobs=jobs)
     start = time.perf_counter()
     todo = []
     for run in runs:
@@ -425,11 +505,19 @@ def execute_all(runs: Sequence[Run], *, jobs: int = 1, force: bool = False, prog
             report.skipped.append(run)
         else:
             todo.append(run)
-    stages = [[r for r in todo if r.model is not None], [r for r in todo if r.model is None]]
-    with _kernel_environment(), tqdm(total=len(runs), initial=len(report.skipped), desc="lllm book",
+    # Per-model runs first, interleaved by model so that concurrent ones rarely wait for the same analysis
+    # (the results cache lets one compute it and the other read it); the all-models runs read their results.
+    by_model: dict[str, list[Run]] = {}
+    for run in todo:
+        if run.model is not None:
+            by_model.setdefault(run.model, []).append(run)
+    interleaved = [run for batch in itertools.zip_longest(*by_model.values()) for run in batch if run is not None]
+    stages = [interleaved, [r for r in todo if r.model is None]]
+    with _kernel_environment(threads=max(1, (os.cpu_count() or 1) // max(1, jobs))), tqdm(total=len(runs), initial=len(report.skipped), desc="lllm book",
                                            unit="notebook", disable=not progress) as bar:
         for stage in stages:
-            for run, failure in _execute_stage(stage, jobs, bar):
+            for run, (failure, cost) in _execute_stage(stage, jobs, bar):
+                report.costs[run.label] = cost
                 if failure is None:
                     report.executed.append(run)
                 else:
@@ -447,12 +535,12 @@ def _execute_stage(runs: Sequence[Run], jobs: int, bar) -> Iterator[tuple[Run, F
     if jobs <= 1 or len(runs) <= 1:
         for run in runs:
             bar.set_postfix_str(run.label, refresh=True)
-            yield run, execute(run)
+            yield run, execute_measured(run)
             bar.update()
         return
     # processes, not threads: papermill chdirs into the notebook's directory, which is process-wide
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(execute, run): run for run in runs}
+        futures = {pool.submit(execute_measured, run): run for run in runs}
         bar.set_postfix_str(f"{len(runs)} queued on {jobs} processes", refresh=True)
         for future in as_completed(futures):
             run = futures[future]
@@ -598,12 +686,18 @@ def build_book(
             report.html = book_dir / "_build" / "html" / "index.html"
         else:
             report.build_errors = problems
+    report.write(book_dir / "_build" / "build-report.json")
     return report
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
+
+
+def default_jobs() -> int:
+    """Notebooks run at once by default: one per core (each kernel then gets one torch thread)."""
+    return max(1, os.cpu_count() or 1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -618,7 +712,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "get fast=True (fewer layers and tokens)")
     parser.add_argument("--only", action="append", metavar="CHAPTER",
                         help="run only this chapter (or notebook name); repeat for several")
-    parser.add_argument("--jobs", type=int, default=1, help="notebooks executed at once (default: 1)")
+    parser.add_argument("--jobs", type=int, default=default_jobs(),
+                        help="notebooks executed at once, the cores divided among them (default: the number of "
+                             f"cores, {default_jobs()} here)")
     parser.add_argument("--force", action="store_true", help="re-execute notebooks even if their inputs are unchanged")
     parser.add_argument("--no-build", dest="build", action="store_false",
                         help="execute the notebooks and write _toc.yml, but do not build the HTML")

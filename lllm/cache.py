@@ -65,6 +65,8 @@ def cache_entries(root: Path | None = None) -> list[CacheEntry]:
             continue
         remove_dead_temporaries(folder)
         for path in sorted(folder.iterdir()):
+            if path.name.startswith("."):
+                continue  # locks and temporaries, not entries
             entries.append(CacheEntry(section, _label(section, path.name), path, _size(path)))
     return entries
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 
 from .models import DTYPES
 
@@ -30,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Compute, print and optionally save the detached Jacobian of one prompt."""
     from . import load
-    from .decompose import decode_output, per_token_stable_rank
+    from .decompose import per_token_stable_rank
+    from .generation import top_next_tokens
     from .jacobian import detached_jacobian
     from .errors import OutputPathError
     from .store import entry_files_only, result_to_record, save_result
@@ -51,9 +51,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"model      {args.model} ({args.dtype}), loaded in {loaded:.1f} s")
     print(f"tokens     {result.tokens}")
-    top = decode_output(result.output, model, tokenizer, k=args.top)
-    probs = torch.softmax(model.lm_head(result.output).double(), -1)[top.ids]
-    print("next       " + "  ".join(f"{t!r} {p:.3f}" for t, p in zip(top.tokens, probs.tolist())))
+    following = top_next_tokens(model, tokenizer, result.token_ids, args.top)
+    print("next       " + "  ".join(f"{t['token']!r} {t['prob']:.3f}" for t in following))
     bias = "" if result.bias is None else f"  (affine: |c|/|y| = {float(result.bias.norm() / result.output.norm()):.3f})"
     print(f"error      {result.relative_error:.3e}  std(y − Σ J⁺ᵢxᵢ − c)/std(y){bias}")
     ranks = per_token_stable_rank(result).tolist()

@@ -91,6 +91,15 @@ def next_token_logits(model: nn.Module, ids: Sequence[int]) -> torch.Tensor:
     return out.logits[0, -1]
 
 
+def top_next_tokens(model: nn.Module, tokenizer, ids: Sequence[int], k: int = 5) -> list[dict]:
+    """The k most probable next tokens after ids, best first: [{"id", "token", "prob"}], from the model's own
+    logits (Gemma's final soft-capping included); lllm's one definition of the next-token distribution."""
+    probs = torch.softmax(next_token_logits(model, ids).double(), dim=-1)
+    top = torch.topk(probs, check_int(k, "k", minimum=1))
+    return [{"id": int(i), "token": tokenizer.decode([int(i)]), "prob": float(p)}
+            for p, i in zip(top.values.tolist(), top.indices.tolist())]
+
+
 def greedy_continuation(
     model: nn.Module,
     ids: Sequence[int],

@@ -39,7 +39,10 @@ from tqdm.auto import tqdm
 
 from .errors import MemoryBudgetError, ReplayError, UnsupportedModelError
 from .parts import SUBMODULE_NAMES, DecoderParts, decoder_parts
-from .jacobian import embed, refusing_raw_errors, relative_error, reverse_jacobian, self_check, text_config, tokenize
+from .jacobian import (
+    JacobianResult, embed, final_hidden, refusing_raw_errors, relative_error, reverse_jacobian, self_check, text_config,
+    tokenize,
+)
 from .oplevel import additive_duals, additive_parameters, detached
 from .validation import check_choice, check_components, check_int, check_layers, check_position, grad_enabled
 
@@ -352,6 +355,7 @@ def _cumulative(model, tokenizer, token_ids, x0, layers, components, position, t
         for (ell, comp), y in targets.items():
             lin.check_linear(y, f"the {comp} output of layer {ell}")
         method = _sweep_allowed(lin, method)
+        report = lin.report()
         d_out = targets[keys[0]].shape[0]
         stacked, jac = _allocate(layers, components, (d_out, n_tokens, d_in), x0.dtype)
         if method == "reverse":
@@ -371,8 +375,32 @@ def _cumulative(model, tokenizer, token_ids, x0, layers, components, position, t
                         columns = cut(basis)
                     for k in keys:
                         jac[k][:, i, ks] = columns[k].T  # (B, d) columns J⁺e_(i,k)
-    return _assemble("cumulative", layers, components, stacked, targets, bias, x0, token_ids, tokenizer,
-                     through_norm, method, time.perf_counter() - start)
+    result = _assemble("cumulative", layers, components, stacked, targets, bias, x0, token_ids, tokenizer,
+                       through_norm, method, time.perf_counter() - start)
+    result.meta.update(position=position, linearization=report)
+    return result
+
+
+def final_from_cumulative(model: nn.Module, cumulative: LayerJacobians) -> JacobianResult | None:
+    """The final J⁺ (of what lm_head reads at the last token) taken from a cumulative run that already holds it:
+    the model's last layer output read through the final norm at the last position. None where the run does not
+    hold it, or where what it read differs from what lm_head reads (a hook, a wrapper): then compute it."""
+    last = len(cumulative.token_ids) - 1
+    if (cumulative.kind != "cumulative" or not cumulative.through_norm or "layer" not in cumulative.jacobian
+            or cumulative.layers[-1] != text_config(model).num_hidden_layers - 1
+            or cumulative.meta.get("position") != last):
+        return None
+    output = cumulative.output["layer"][-1]
+    with detached(model), torch.no_grad():  # as the run computed it (a float64 model stays float64 throughout)
+        y = final_hidden(model, cumulative.inputs, -1)
+    if relative_error(y, output) > 10 * torch.finfo(output.dtype).eps:
+        return None
+    return JacobianResult(
+        jacobian=cumulative.jacobian["layer"][-1], inputs=cumulative.inputs, output=output,
+        bias=None if cumulative.bias is None else cumulative.bias["layer"][-1], token_ids=cumulative.token_ids,
+        tokens=cumulative.tokens, seconds=0.0,
+        meta={"linearization": cumulative.meta.get("linearization"), "from": f"cumulative ({cumulative.method})"},
+    )
 
 
 def _sweep_allowed(lin, method: str) -> str:

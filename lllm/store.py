@@ -10,6 +10,7 @@ kind, model identity, prompt / token ids, dtype, options and the lllm version.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -21,7 +22,8 @@ import shutil
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -379,6 +381,22 @@ def default_root() -> Path:
     return cache_dir() / "results"
 
 
+@contextmanager
+def _computing(path: Path) -> Iterator[None]:
+    """An exclusive lock on one key (a file in the cache's .locks/), held while it is looked up and computed;
+    released by the kernel if the process dies. A cache that cannot be written is used without it."""
+    try:
+        locks = path.parent.parent / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        handle = open(locks / f"{path.parent.name}-{path.name}.lock", "w")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 class ResultCache:
     """A content-addressed store of results under root/<kind>/<sha256 key>/."""
 
@@ -406,11 +424,16 @@ class ResultCache:
         """(tensors, meta, hit): the stored entry, or compute() stored under the key of (kind, key_fields).
 
         key_fields (see computation_fields) are recorded in the meta, over compute()'s. A corrupt entry is
-        logged, deleted and recomputed. Two processes computing the same key each get their own
-        result; the first rename wins and the other discards its temporary.
+        logged, deleted and recomputed. A second process (or thread) asking for a key that is being
+        computed waits for it and reads the entry; where the cache cannot be written, both compute.
         """
         key = self.key(kind, key_fields)
         path = self.path(kind, key)
+        with _computing(path):  # a second process asking for the same key waits, then reads the entry
+            return self._get_or_compute(kind, key, path, key_fields, compute)
+
+    def _get_or_compute(self, kind, key, path, key_fields, compute):
+        """get_or_compute's body, run while this process holds the key's lock (where the cache is writable)."""
         if path.exists():
             try:
                 tensors, meta = load_result(path)

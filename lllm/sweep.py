@@ -66,8 +66,9 @@ from tqdm.auto import tqdm
 from .models import DTYPES
 from .decompose import decode_output, per_token_stable_rank, stable_rank, svd
 from .errors import OutputPathError, SweepError, SweepIncompleteError
-from .jacobian import JacobianResult, check_fits, default_chunk_size, detached_jacobian, embed, tokenize
-from .layers import COMPONENTS, METHODS, cumulative_jacobians
+from .jacobian import check_fits, default_chunk_size, detached_jacobian, embed, tokenize
+from .generation import top_next_tokens
+from .layers import COMPONENTS, METHODS, cumulative_jacobians, final_from_cumulative
 from .store import fsync_dir
 from .validation import check_choice, check_components, check_int, writable_file
 
@@ -200,14 +201,6 @@ def _stable_ranks(matrices: torch.Tensor) -> list[float]:
     return ranks
 
 
-def _next_tokens(model: nn.Module, token_ids: list[int], k: int) -> tuple[list[int], list[float]]:
-    """Top-k next token ids and probabilities from the model's own logits (Gemma's soft-capping included)."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([token_ids], device=model.device), use_cache=False).logits[0, -1]
-    top = torch.topk(torch.softmax(logits.double(), -1), k)
-    return top.indices.tolist(), top.values.tolist()
-
-
 def analyze_prompt(
     model: nn.Module,
     tokenizer,
@@ -225,7 +218,8 @@ def analyze_prompt(
     dtype = model.get_input_embeddings().weight.dtype
     check_fits(model, len(token_ids), default_chunk_size(d), dtype)  # refuses prompts beyond the positions
     embed(model, token_ids)  # refuses token ids outside the vocabulary with a PromptError
-    next_ids, next_probs = _next_tokens(model, token_ids, top_k)
+    following = top_next_tokens(model, tokenizer, token_ids, top_k)
+    next_ids, next_probs = [t["id"] for t in following], [t["prob"] for t in following]
     n_layers = model.config.num_hidden_layers
     layer_list = resolve_layers(layers, n_layers)
     ranks: dict[str, list[float] | None] = {c: None for c in COMPONENTS}
@@ -237,13 +231,8 @@ def analyze_prompt(
             jac = cumulative.jacobian[comp]
             ranks[comp] = _stable_ranks(jac.reshape(*jac.shape[:2], -1))
         max_error = max(max(cumulative.relative_errors(comp)) for comp in components)
-    if cumulative is not None and layer_list[-1] == n_layers - 1 and "layer" in components:
-        # The last layer's output read through the final norm is y: this is the final J⁺, already computed.
-        bias = None if cumulative.bias is None else cumulative.bias["layer"][-1]
-        final = JacobianResult(
-            jacobian=cumulative.jacobian["layer"][-1], inputs=cumulative.inputs, output=cumulative.output["layer"][-1],
-            bias=bias, token_ids=token_ids, tokens=cumulative.tokens,
-        )
+    final = None if cumulative is None else final_from_cumulative(model, cumulative)  # already computed there
+    if final is not None:
         final_method = cumulative.method
     else:
         final = detached_jacobian(model, tokenizer, token_ids, progress=False)
@@ -256,7 +245,7 @@ def analyze_prompt(
         "token_ids": token_ids,
         "tokens": final.tokens,
         "next_token_ids": next_ids,
-        "next_tokens": [tokenizer.decode([i]) for i in next_ids],
+        "next_tokens": [t["token"] for t in following],
         "next_probs": next_probs,
         "final_method": final_method,
         "reconstruction_error": final.relative_error,

@@ -107,6 +107,18 @@ def test_the_other_notebooks_ran_and_wrote_their_outputs(session_book):
     assert not (book_dir / "generated" / "broken" / "tiny.run.json").exists()  # failures are never "unchanged"
 
 
+def test_the_build_report_says_where_the_time_went(session_book):
+    report = json.loads((session_book["book_dir"] / "_build" / "build-report.json").read_text())
+    runs = {(r["chapter"], r["model"]): r for r in report["runs"]}
+    figure = runs[("tiny-figure", "tiny")]
+    assert figure["outcome"] == "executed" and figure["seconds"] > 0
+    assert figure["peak_rss_mb"] > 50  # the kernel's memory (python, torch, a model), sampled while it ran
+    assert runs[("broken", "tiny")]["outcome"] == "failed"
+    assert report["build"]["built"] is True and report["build"]["seconds"] > 0
+    table = session_book["report"].table()
+    assert "tiny-figure" in table and "total" in table.splitlines()[-1]
+
+
 def test_toc_lists_what_ran_in_book_order(session_book):
     from sphinx_external_toc.parsing import parse_toc_yaml
 

@@ -34,6 +34,30 @@ def test_cumulative_last_layer_equals_final_detached_jacobian(family):
     torch.testing.assert_close(cumulative.jacobian["layer"][0], final.jacobian, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_the_final_jacobian_is_taken_from_the_cumulative_run_only_where_it_is_the_same(dtype):
+    """analyze and the sweep take the final J⁺ from the cumulative run's last layer: it must be the J⁺ of what
+    lm_head reads (≤ 1e-5 relative in fp32); where lm_head reads something else (a hook), it is computed."""
+    from lllm.layers import final_from_cumulative
+
+    model = tiny_model("llama", dtype)
+    direct = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+    cumulative = cumulative_jacobians(model, TOK, PROMPT, layers=[0, 1], progress=False)
+    reused = final_from_cumulative(model, cumulative)
+    assert reused is not None and reused.meta["from"].startswith("cumulative")
+    scale = direct.jacobian.abs().max()
+    assert (reused.jacobian - direct.jacobian).abs().max() <= {torch.float32: 1e-5, torch.float64: 1e-12}[dtype] * scale
+    assert lllm.relative_error(direct.output, reused.output) <= 10 * torch.finfo(dtype).eps
+    assert reused.relative_error <= MAX_ERROR[dtype]
+    assert final_from_cumulative(model, cumulative_jacobians(model, TOK, PROMPT, layers=[0], progress=False)) is None
+    assert final_from_cumulative(model, cumulative_jacobians(model, TOK, PROMPT, position=3, progress=False)) is None
+    handle = model.lm_head.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    try:
+        assert final_from_cumulative(model, cumulative) is None  # lm_head now reads 2·norm(h): not the same y
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("position", [-1, 3], ids=["last", "middle"])
 @pytest.mark.parametrize("arch", sorted(set(ARCHITECTURES) - NO_BATCHED_REPLAY))
 def test_forward_sweep_equals_reverse_mode(arch, position):

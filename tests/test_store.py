@@ -230,14 +230,16 @@ def test_temporary_of_a_killed_writer_is_invisible_and_cleaned_up(cache):
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
 
-def test_concurrent_writers_of_one_key_both_succeed(cache):
-    """Both compute before either publishes: one rename wins, the other discards its temporary."""
-    both_computing = threading.Barrier(2, timeout=30)
+def test_a_key_being_computed_is_waited_for_and_read_not_computed_twice(cache):
+    """Two notebooks asking for the same analysis at once: one computes it, the other waits and reads it."""
+    started, release = threading.Event(), threading.Event()
     fields = sample_meta(k=3)
-    outcomes, errors = [], []
+    outcomes, errors, calls = [], [], []
 
     def compute():
-        both_computing.wait()
+        calls.append(1)
+        started.set()
+        release.wait(30)  # the second caller arrives while this one computes
         return sample_tensors(), {}
 
     def worker():
@@ -246,18 +248,21 @@ def test_concurrent_writers_of_one_key_both_succeed(cache):
         except BaseException as exc:  # surfaced below: a thread's exception would otherwise vanish
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
-    assert [hit for _, _, hit in outcomes] == [False, False]
+    first = threading.Thread(target=worker)
+    first.start()
+    assert started.wait(30)
+    second = threading.Thread(target=worker)
+    second.start()
+    time.sleep(0.5)
+    assert second.is_alive()  # waiting on the key's lock
+    release.set()
+    for t in (first, second):
+        t.join(30)
+    assert errors == [] and len(calls) == 1
+    assert sorted(hit for _, _, hit in outcomes) == [False, True]
     path = cache.path("svd", cache.key("svd", fields))
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
-    stored, _ = load_result(path)
-    assert_bit_identical(stored, sample_tensors())
-    assert cache.get_or_compute("svd", fields, Counter())[2] is True
+    assert_bit_identical(outcomes[1][0], sample_tensors())
 
 
 def test_keys_separate_what_was_computed(cache):
