@@ -252,9 +252,11 @@ def run(args: argparse.Namespace) -> int:
     from . import load
     from .models import DTYPES
     from .errors import OutputPathError
+    from .models import check_device
     from .store import entry_files_only, save_result
 
     check_prompt_text(args.prompt)
+    check_device(args.device)
     out = writable_directory(args.out, "--out")  # before the model loads and the analysis runs
     entry = out / "analysis"
     if entry.exists() and not (entry.is_dir() and entry_files_only(entry)):
@@ -262,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
     summary = out / "analysis-summary.json"
     if summary.exists() and not _is_summary(summary):
         raise OutputPathError(f"{summary} exists and lllm did not write it; give another --out")
-    model, tokenizer = load(args.model, dtype=DTYPES[args.dtype])
+    model, tokenizer = load(args.model, dtype=DTYPES[args.dtype], device=args.device)
     check_analysis_options(model, args.layers, COMPONENTS, args.method)
     options = {"layers": args.layers, "method": args.method, "progress": not args.no_progress}
     if args.no_cache:

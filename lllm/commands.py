@@ -14,6 +14,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="embedded short name, hub id, local dir or GGUF")
     parser.add_argument("--prompt", default="The bridge out of Marin is the")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--device", default="cpu", help="where the model and every Jacobian live: cpu, cuda, cuda:1")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,17 +34,19 @@ def run(args: argparse.Namespace) -> int:
     from .generation import top_next_tokens
     from .jacobian import detached_jacobian
     from .errors import OutputPathError
+    from .models import check_device
     from .store import entry_files_only, result_to_record, save_result
     from .validation import check_chunk_size, check_int, check_prompt_text, writable_directory
 
     check_chunk_size(args.chunk_size)
     check_int(args.top, "--top", minimum=1)
     check_prompt_text(args.prompt)
+    check_device(args.device)
     save = None if args.save is None else writable_directory(args.save, "--save")  # before any work
     if save is not None and save.is_dir() and not entry_files_only(save):
         raise OutputPathError(f"--save {save} holds files that lllm did not write; give a new or empty directory")
     start = time.perf_counter()
-    model, tokenizer = load(args.model, dtype=DTYPES[args.dtype])
+    model, tokenizer = load(args.model, dtype=DTYPES[args.dtype], device=args.device)
     loaded = time.perf_counter() - start
     result = detached_jacobian(
         model, tokenizer, args.prompt, chunk_size=args.chunk_size, mlp_split=args.mlp_split,

@@ -180,13 +180,21 @@ def estimate_jacobian_bytes(model: nn.Module, n_tokens: int, chunk_size: int, dt
     return forward + backward + result + chunk_size * n_tokens * d * item
 
 
+def available_memory(device: torch.device | str = "cpu") -> int:
+    """Bytes free where tensors of `device` live: the GPU's free memory on CUDA, else the host's available RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
 def check_fits(model: nn.Module, n_tokens: int, chunk_size: int, dtype: torch.dtype) -> None:
     """Refuse, with a clear message, a prompt whose Jacobian would not fit in memory."""
     max_pos = getattr(text_config(model), "max_position_embeddings", None)
     if max_pos is not None and n_tokens > max_pos:
         raise PromptError(f"the prompt has {n_tokens} tokens, more than the model's {max_pos} positions")
     need = estimate_jacobian_bytes(model, n_tokens, chunk_size, dtype)
-    available = psutil.virtual_memory().available
+    available = available_memory(model.device)
     if need > 0.8 * available:
         raise MemoryBudgetError(
             f"a {n_tokens}-token Jacobian needs about {need / 2**30:.1f} GiB (chunk_size={chunk_size}) but only "
@@ -203,8 +211,8 @@ def default_chunk_size(d_out: int) -> int:
 def reverse_jacobian(y: torch.Tensor, x: torch.Tensor, chunk_size: int, progress: bool, desc: str) -> torch.Tensor:
     """J = ∂y/∂x: (d_out, *x.shape), by batched VJPs over chunks of `chunk_size` output rows."""
     d_out = y.shape[0]
-    jac = torch.empty((d_out, *x.shape), dtype=x.dtype)
-    eye = torch.eye(d_out, dtype=y.dtype)
+    jac = torch.empty((d_out, *x.shape), dtype=x.dtype, device=x.device)  # on the model's device
+    eye = torch.eye(d_out, dtype=y.dtype, device=y.device)
     starts = range(0, d_out, chunk_size)
     for start in tqdm(starts, desc=desc, disable=not progress, unit="chunk", leave=False):
         rows = eye[start : start + chunk_size]  # (c, d_out)

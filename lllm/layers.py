@@ -30,7 +30,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import psutil
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
@@ -40,7 +39,7 @@ from tqdm.auto import tqdm
 from .errors import MemoryBudgetError, ReplayError, UnsupportedModelError
 from .parts import SUBMODULE_NAMES, DecoderParts, decoder_parts
 from .jacobian import (
-    JacobianResult, embed, final_hidden, refusing_raw_errors, relative_error, reverse_jacobian, self_check, text_config,
+    JacobianResult, available_memory, embed, final_hidden, refusing_raw_errors, relative_error, reverse_jacobian, self_check, text_config,
     tokenize,
 )
 from .oplevel import additive_duals, additive_parameters, detached
@@ -171,10 +170,11 @@ def _without_biases(model: nn.Module) -> Iterator[None]:
                 p.copy_(value)
 
 
-def _check_result_fits(n: int, d_out: int, n_tokens: int, d_in: int, dtype: torch.dtype) -> None:
-    """Refuse a set of layer Jacobians that would not fit in memory."""
+def _check_result_fits(n: int, d_out: int, n_tokens: int, d_in: int, dtype: torch.dtype,
+                       device: torch.device | str = "cpu") -> None:
+    """Refuse a set of layer Jacobians that would not fit in the memory of `device`."""
     need = n * d_out * n_tokens * d_in * (torch.finfo(dtype).bits // 8)
-    available = psutil.virtual_memory().available
+    available = available_memory(device)
     if need > 0.6 * available:
         raise MemoryBudgetError(
             f"{n} layer Jacobians of {n_tokens} tokens need {need / 2**30:.1f} GiB, more than the "
@@ -182,7 +182,7 @@ def _check_result_fits(n: int, d_out: int, n_tokens: int, d_in: int, dtype: torc
         )
 
 
-def _causal_basis(position: int, d_in: int, chunk_size: int, dtype: torch.dtype):
+def _causal_basis(position: int, d_in: int, chunk_size: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
     """Yield (i, ks, E): basis vectors e_(i,k), k in ks, on the tokens i…position only, E (B, position-i+1, d).
 
     Causal attention carries nothing backwards, so a tangent at token i is zero before i and tokens
@@ -190,9 +190,9 @@ def _causal_basis(position: int, d_in: int, chunk_size: int, dtype: torch.dtype)
     """
     for i in range(position + 1):
         for k0 in range(0, d_in, chunk_size):
-            ks = torch.arange(k0, min(k0 + chunk_size, d_in))
-            basis = torch.zeros(len(ks), position - i + 1, d_in, dtype=dtype)
-            basis[torch.arange(len(ks)), 0, ks] = 1.0
+            ks = torch.arange(k0, min(k0 + chunk_size, d_in), device=device)
+            basis = torch.zeros(len(ks), position - i + 1, d_in, dtype=dtype, device=device)
+            basis[torch.arange(len(ks), device=device), 0, ks] = 1.0
             yield i, ks, basis
 
 
@@ -240,7 +240,7 @@ def cumulative_jacobians(
     x0 = embed(model, token_ids)  # (T, d)
     d = x0.shape[-1]
     T, keys = len(token_ids), [(ell, c) for ell in layers for c in components]
-    _check_result_fits(len(keys), d, T, d, x0.dtype)
+    _check_result_fits(len(keys), d, T, d, x0.dtype, x0.device)
     depth = layers[-1] + 1
     # forward: T·d basis tangents through `depth` layers; reverse: d rows back through T tokens and ℓ+1 layers each
     chosen = _choose(method, d * _forward_token_layers(position, depth), sum(d * T * (ell + 1) for ell, _ in keys))
@@ -275,7 +275,7 @@ def layerwise_jacobians(
     x0 = embed(model, token_ids)
     d = x0.shape[-1]
     T, keys = len(token_ids), [(ell, c) for ell in layers for c in components]
-    _check_result_fits(len(keys), d, T, d, x0.dtype)
+    _check_result_fits(len(keys), d, T, d, x0.dtype, x0.device)
     chosen = _choose(method, d * T * T, d * T * len(components))  # its basis sweep runs every token (no window)
     run = lambda how: _layerwise(model, tokenizer, token_ids, x0, layers, components, position,  # noqa: E731
                                     mlp_split, how, chunk_size, progress)
@@ -357,7 +357,7 @@ def _cumulative(model, tokenizer, token_ids, x0, layers, components, position, t
         method = _sweep_allowed(lin, method)
         report = lin.report()
         d_out = targets[keys[0]].shape[0]
-        stacked, jac = _allocate(layers, components, (d_out, n_tokens, d_in), x0.dtype)
+        stacked, jac = _allocate(layers, components, (d_out, n_tokens, d_in), x0.dtype, x0.device)
         if method == "reverse":
             for k in tqdm(keys, desc="cumulative J⁺ (reverse)", disable=not progress, leave=False):
                 jac[k].copy_(reverse_jacobian(targets[k], x, min(64, d_out), False, ""))
@@ -368,7 +368,7 @@ def _cumulative(model, tokenizer, token_ids, x0, layers, components, position, t
             with lin.replay(), torch.no_grad():  # the affine map at x = 0: c, independently of y
                 bias = {k: v[0] for k, v in readouts(torch.zeros_like(x0)[None]).items()} if _has_biases(model) else None
             cut = _Readouts(parts, layers, components, -1, through_norm)
-            chunks = list(_causal_basis(position, d_in, chunk_size, x0.dtype))
+            chunks = list(_causal_basis(position, d_in, chunk_size, x0.dtype, x0.device))
             with torch.no_grad(), _without_biases(model):
                 for i, ks, basis in tqdm(chunks, desc="cumulative J⁺ (forward)", disable=not progress, leave=False):
                     with lin.replay(i, position + 1):
@@ -443,7 +443,7 @@ def _layerwise(model, tokenizer, token_ids, x0, layers, components, position, ml
             layer_inputs.append(hidden[0].detach())
             d_out, d_in = trace.outputs[(ell, components[0])].shape[-1], hidden.shape[-1]
             if stacked is None:
-                stacked, jac = _allocate(layers, components, (d_out, n_tokens, d_in), x0.dtype)
+                stacked, jac = _allocate(layers, components, (d_out, n_tokens, d_in), x0.dtype, x0.device)
             if method == "reverse":
                 h = hidden.detach().clone().requires_grad_(True)
                 outs = run(h, position)
@@ -464,7 +464,7 @@ def _layerwise(model, tokenizer, token_ids, x0, layers, components, position, ml
             for comp in components:
                 bias[(ell, comp)] = c[comp][0] if _has_biases(model) else None
             with torch.no_grad(), _without_biases(model):
-                for i, ks, basis in _causal_basis(position, d_in, chunk_size, x0.dtype):
+                for i, ks, basis in _causal_basis(position, d_in, chunk_size, x0.dtype, x0.device):
                     padded = torch.cat([basis.new_zeros(basis.shape[0], i, d_in), basis,
                                         basis.new_zeros(basis.shape[0], n_tokens - position - 1, d_in)], 1)
                     lin.mark_live(padded)
@@ -480,12 +480,12 @@ def _layerwise(model, tokenizer, token_ids, x0, layers, components, position, ml
 
 
 
-def _allocate(layers, components, shape, dtype) -> tuple[dict, dict]:
+def _allocate(layers, components, shape, dtype, device) -> tuple[dict, dict]:
     """Zeroed Jacobians {component: (L, *shape)} and their views {(ℓ, component): shape} to fill in place.
 
     Zeroed, because a forward sweep never writes the columns of tokens after the read position.
     """
-    stacked = {c: torch.zeros(len(layers), *shape, dtype=dtype) for c in components}
+    stacked = {c: torch.zeros(len(layers), *shape, dtype=dtype, device=device) for c in components}
     return stacked, {(ell, c): stacked[c][n] for n, ell in enumerate(layers) for c in components}
 
 

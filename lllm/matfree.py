@@ -26,7 +26,6 @@ import math
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-import psutil
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
@@ -35,7 +34,8 @@ from tqdm.auto import tqdm
 from .decompose import _orientation, svd
 from .errors import MemoryBudgetError, OperatorError, PromptError
 from .jacobian import (
-    self_check, bias_term, embed, estimate_jacobian_bytes, final_hidden, relative_error, text_config, tokenize,
+    available_memory, bias_term, embed, estimate_jacobian_bytes, final_hidden, relative_error, self_check, text_config,
+    tokenize,
 )
 from .oplevel import MLP_SPLITS, detached
 from .validation import check_choice, check_chunk_size, check_int, check_position, grad_enabled
@@ -131,7 +131,7 @@ class DetachedOperator:
                 self._x = self.inputs.clone().requires_grad_(True)
                 self._y = final_hidden(self.model, self._x, self.position)  # (d_out,)
                 lin.check_linear(self._y, "the output embedding y")
-                self._u = torch.zeros(self.d_out, dtype=self.dtype, requires_grad=True)
+                self._u = torch.zeros(self.d_out, dtype=self.dtype, device=self.inputs.device, requires_grad=True)
                 (self._jtu,) = torch.autograd.grad(self._y, self._x, grad_outputs=self._u, create_graph=True)
             self.output = self._y.detach()
             self.bias = bias_term(self.model, self.inputs, self.position)
@@ -197,7 +197,7 @@ def _check_graph_fits(model: nn.Module, n_tokens: int, chunk_size: int, dtype: t
     d, item = model.config.hidden_size, torch.finfo(dtype).bits // 8
     # the reverse-mode Jacobian's estimate less its two last terms (J and a chunk of its rows), never built here
     need = estimate_jacobian_bytes(model, n_tokens, chunk_size, dtype) - (d + chunk_size) * n_tokens * d * item
-    available = psutil.virtual_memory().available
+    available = available_memory(model.device)
     if need > 0.8 * available:
         raise MemoryBudgetError(
             f"the graph of a {n_tokens}-token forward needs about {need / 2**30:.1f} GiB (chunk_size={chunk_size}) "
@@ -281,9 +281,10 @@ def topk_svd(
         columns = block * (power_iters + 1)
         raise OperatorError(f"block_size·(power_iters + 1) = {columns} columns cannot hold k={k} triplets")
     generator = torch.Generator().manual_seed(seed)
-    omega = torch.randn(op.d_out, block, generator=generator, dtype=op.dtype)  # (d_out, b)
-    krylov = torch.zeros(matrix.n, 0, dtype=op.dtype)  # (n, m): orthonormal, grows by b per iteration
-    images = torch.zeros(op.d_out, 0, dtype=op.dtype)  # (d_out, m): A @ krylov
+    device = op.inputs.device  # drawn on the CPU (the same numbers on any device), used where the model is
+    omega = torch.randn(op.d_out, block, generator=generator, dtype=op.dtype).to(device)  # (d_out, b)
+    krylov = torch.zeros(matrix.n, 0, dtype=op.dtype, device=device)  # (n, m): orthonormal, grows by b per step
+    images = torch.zeros(op.d_out, 0, dtype=op.dtype, device=device)  # (d_out, m): A @ krylov
     w = matrix.apply_t(omega)  # (n, b)
     for step in range(power_iters + 1):
         q = _orthonormalize(w, krylov)[:, : max_rank - krylov.shape[1]]
@@ -334,7 +335,7 @@ def all_token_topk(
         raise OperatorError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if not 1 <= check_int(k, "k") <= min(op.d_out, op.d_in):
         raise OperatorError(f"k must be between 1 and {min(op.d_out, op.d_in)}, got {k!r}")
-    budget = psutil.virtual_memory().available // 4 if memory_budget is None else memory_budget
+    budget = available_memory(op.inputs.device) // 4 if memory_budget is None else memory_budget
     tokens_per_pass = min(op.n_tokens, budget // (op.d_out * op.d_in * (torch.finfo(op.dtype).bits // 8)))
     exact_cost = math.ceil(op.n_tokens / tokens_per_pass) * op.d_out if tokens_per_pass else math.inf
     block = k + oversample if block_size is None else block_size
@@ -360,12 +361,12 @@ def all_token_topk(
 
 def _exact_blocks(op: DetachedOperator, k: int, tokens_per_pass: int, progress: bool) -> list[tuple]:
     """[(U (d_out, k), S (k,), V (k, d_in))] per token, from J⁺ built ⌈T/tokens_per_pass⌉ times by VJPs."""
-    eye = torch.eye(op.d_out, dtype=op.dtype)
+    eye = torch.eye(op.d_out, dtype=op.dtype, device=op.inputs.device)
     row_starts = range(0, op.d_out, op.chunk_size)
     triplets = []
     for first in range(0, op.n_tokens, tokens_per_pass):
         tokens = slice(first, min(first + tokens_per_pass, op.n_tokens))
-        blocks = torch.empty(op.d_out, tokens.stop - first, op.d_in, dtype=op.dtype)  # J⁺[:, tokens, :]
+        blocks = torch.empty(op.d_out, tokens.stop - first, op.d_in, dtype=op.dtype, device=op.inputs.device)
         for start in tqdm(row_starts, desc="J⁺ rows", disable=not progress, leave=False):
             rows = slice(start, start + op.chunk_size)
             blocks[rows] = op.rmatvec(eye[rows])[:, tokens]

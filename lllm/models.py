@@ -439,7 +439,7 @@ def verified_dense_copy(source: dict[str, Any], dtype: torch.dtype) -> Path | No
     return None
 
 
-def _check_device(device: str | torch.device) -> torch.device:
+def check_device(device: str | torch.device) -> torch.device:
     """A torch device that exists on this machine."""
     try:
         device = torch.device(device)
@@ -459,7 +459,7 @@ def load(
     name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, *, device: str | torch.device = "cpu"
 ) -> tuple[Any, Any]:
     """Load (model, tokenizer) in eval mode with eager attention, frozen parameters and provenance attached."""
-    dtype, device = _check_dtype(dtype), _check_device(device)
+    dtype, device = _check_dtype(dtype), check_device(device)
     source = _resolve(name_or_path)  # before importing transformers, so that bad arguments fail fast
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 

@@ -123,9 +123,9 @@ class SteeringOperator:
     def jacobian(self, chunk_size: int = 256, progress: bool = False) -> torch.Tensor:
         """The materialized J⁺_L: (T_c, d_out, T_c, d_in), J[p, :, q, :] = ∂f_L[p] / ∂x_q (zero for q > p)."""
         n, d = self.inputs.shape
-        _check_result_fits(n, d, n, d, self.inputs.dtype)
-        jac = torch.zeros(n, d, n, d, dtype=self.inputs.dtype)
-        chunks = list(_causal_basis(n - 1, d, chunk_size, self.inputs.dtype))
+        _check_result_fits(n, d, n, d, self.inputs.dtype, self.inputs.device)
+        jac = torch.zeros(n, d, n, d, dtype=self.inputs.dtype, device=self.inputs.device)
+        chunks = list(_causal_basis(n - 1, d, chunk_size, self.inputs.dtype, self.inputs.device))
         with _without_biases(self.model):  # columns J⁺_L e directly, not (J⁺_L e + c_L) − c_L
             for i, ks, basis in tqdm(chunks, desc="concept J⁺_L columns", disable=not progress, leave=False):
                 jac[i:, :, i, ks] = self._replay(basis, start=i).permute(1, 2, 0)  # (T_c - i, d, B)

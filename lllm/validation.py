@@ -103,7 +103,8 @@ def token_id_list(ids: Any) -> list[int]:
     if tensor.numel() == 0:
         return []  # the caller refuses an empty prompt
     if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
-        raise ArgumentError(f"token ids must be integers, got {tensor.dtype} values {tensor.reshape(-1)[:4].tolist()}; "
+        shown = tensor.reshape(-1)[:4].tolist() if isinstance(ids, torch.Tensor) else list(ids)[:4]
+        raise ArgumentError(f"token ids must be integers, got {shown}; "
                             "tokenize the text, or pass the prompt as a string")
     if tensor.dim() == 2 and tensor.shape[0] == 1:
         tensor = tensor[0]

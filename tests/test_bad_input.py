@@ -348,6 +348,8 @@ def test_cli_refuses_bad_arguments_before_loading(capsys, tmp_path, monkeypatch)
     cases = [
         (("jacobian", "--chunk-size", "-1"), "chunk_size must be ≥ 1"),
         (("jacobian", "--top", "0"), "--top must be ≥ 1"),
+        (("jacobian", "--device", "cuda:99"), "cuda:99"),
+        (("analyze", "--device", "banana", "--out", str(tmp_path / "new")), "not a torch device"),
         (("jacobian", "--prompt", " "), "the prompt is empty"),
         (("analyze", "--prompt", "", "--out", str(tmp_path / "new")), "the prompt is empty"),
         (("analyze", "--out", str(mine)), "lllm did not write it"),

@@ -122,3 +122,22 @@ def test_forward_sweep_is_exact_when_biases_dwarf_the_columns(compute):
     assert result.bias is not None and result.method == "forward"
     for comp in COMPONENTS:
         assert max(result.relative_errors(comp)) <= MAX_ERROR[torch.float32], comp
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_buffer_lives_on_the_models_device(device):
+    """J⁺, the layer Jacobians, the steering operator's and the matrix-free operator's buffers are where the model is."""
+    model = tiny_model("qwen2", torch.float64).to(device)  # q/k/v biases: c is on the path too
+    final = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
+    layers = cumulative_jacobians(model, TOK, PROMPT, method="forward", progress=False)
+    assert final.jacobian.device.type == device and layers.jacobian["layer"].device.type == device
+    assert final.relative_error <= MAX_ERROR[torch.float64] and max(layers.relative_errors("mlp")) <= 1e-12
+    operator = lllm.concept_operator(model, TOK, "3 4 5", layer=0)
+    assert operator.jacobian().device.type == device
+    with lllm.DetachedOperator.from_prompt(model, TOK, PROMPT) as op:
+        u, s, v = lllm.topk_svd(op, 2, block_size=32)  # the whole row space: exact
+    assert u.device.type == device
+    torch.testing.assert_close(s.cpu(), torch.linalg.svdvals(final.combined.cpu())[:2], rtol=1e-6, atol=0)
