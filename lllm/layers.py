@@ -43,7 +43,7 @@ from .jacobian import (
     tokenize,
 )
 from .oplevel import additive_duals, additive_parameters, detached
-from .validation import check_choice, check_components, check_int, check_layers, check_position, grad_enabled
+from .validation import check_choice, check_chunk_size, check_components, check_layers, check_position, grad_enabled
 
 COMPONENTS = ("layer", "attn", "mlp")
 METHODS = ("auto", "forward", "reverse")
@@ -196,6 +196,22 @@ def _causal_basis(position: int, d_in: int, chunk_size: int, dtype: torch.dtype,
             yield i, ks, basis
 
 
+def sweep_chunk_size(model: nn.Module, n_tokens: int, dtype: torch.dtype, budget: int | None = None) -> int:
+    """Basis vectors per replayed pass of a forward sweep: all d of a token where they fit in `budget` bytes
+    (default: an eighth of the free memory, at most 2 GiB), else as many as fit.
+
+    Fewer, larger passes pay the op-level interceptor's per-op cost fewer times: on SmolLM2 at T = 7 the
+    cumulative sweep took 31.0 s with all 576 vectors per pass against 33.0 s with 256 (benchmarks/OPLEVEL.md).
+    A pass holds about B × T × (4d + 3·intermediate) numbers at once (the MLP's are the largest).
+    """
+    cfg = text_config(model)
+    d = cfg.hidden_size
+    intermediate = getattr(cfg, "intermediate_size", None) or 4 * d
+    per_vector = n_tokens * (4 * d + 3 * intermediate) * (torch.finfo(dtype).bits // 8)
+    budget = min(available_memory(model.device) // 8, 2**31) if budget is None else budget
+    return max(1, min(d, budget // per_vector))
+
+
 def _forward_token_layers(position: int, depth: int) -> int:
     """Token-layer passes of one forward sweep per input feature: Σᵢ (position-i+1) tokens × depth layers."""
     return (position + 1) * (position + 2) // 2 * depth
@@ -227,16 +243,17 @@ def cumulative_jacobians(
     position: int = -1,
     through_norm: bool = True,
     method: str = "auto",
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
     mlp_split: str = "activation",
     progress: bool = True,
 ) -> LayerJacobians:
     """Cumulative J⁺: input embeddings → each layer/attention/MLP output at `position` (Fig. 6A–C)."""
-    components, chunk_size = check_components(components, COMPONENTS), check_int(chunk_size, "chunk_size", minimum=1)
+    components, chunk_size = check_components(components, COMPONENTS), check_chunk_size(chunk_size)
     layers = check_layers(layers, text_config(model).num_hidden_layers)
     check_choice(method, "method", METHODS)
     token_ids = tokenize(tokenizer, prompt_or_ids)
     position = check_position(position, len(token_ids))
+    chunk_size = chunk_size or sweep_chunk_size(model, len(token_ids), model.dtype)
     x0 = embed(model, token_ids)  # (T, d)
     d = x0.shape[-1]
     T, keys = len(token_ids), [(ell, c) for ell in layers for c in components]
@@ -262,16 +279,17 @@ def layerwise_jacobians(
     components: Sequence[str] = COMPONENTS,
     position: int = -1,
     method: str = "auto",
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
     mlp_split: str = "activation",
     progress: bool = True,
 ) -> LayerJacobians:
     """Layer-wise J⁺: layer ℓ alone, input hidden states (T, d) → its outputs at `position` (Fig. 6D)."""
-    components, chunk_size = check_components(components, COMPONENTS), check_int(chunk_size, "chunk_size", minimum=1)
+    components, chunk_size = check_components(components, COMPONENTS), check_chunk_size(chunk_size)
     layers = check_layers(layers, text_config(model).num_hidden_layers)
     check_choice(method, "method", METHODS)
     token_ids = tokenize(tokenizer, prompt_or_ids)
     position = check_position(position, len(token_ids))
+    chunk_size = chunk_size or sweep_chunk_size(model, len(token_ids), model.dtype)
     x0 = embed(model, token_ids)
     d = x0.shape[-1]
     T, keys = len(token_ids), [(ell, c) for ell in layers for c in components]

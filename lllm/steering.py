@@ -46,9 +46,9 @@ from .errors import ArgumentError, LLLMError, ReplayError, UnsupportedModelError
 from .generation import greedy_continuation, next_token_logits
 from .jacobian import embed, relative_error, self_check, text_config, tokenize
 from .parts import decoder_parts
-from .layers import _causal_basis, _check_result_fits, _has_biases, _Trace, _without_biases
+from .layers import _causal_basis, _check_result_fits, _has_biases, _Trace, _without_biases, sweep_chunk_size
 from .oplevel import Recording, detached
-from .validation import grad_enabled
+from .validation import check_chunk_size, grad_enabled
 
 DEFAULT_LAMS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.0)
 
@@ -120,10 +120,11 @@ class SteeringOperator:
         window[n_concept - width :] = x[n_new - width :]
         return self._replay(window[None])[0, n_concept - width :]
 
-    def jacobian(self, chunk_size: int = 256, progress: bool = False) -> torch.Tensor:
+    def jacobian(self, chunk_size: int | None = None, progress: bool = False) -> torch.Tensor:
         """The materialized J⁺_L: (T_c, d_out, T_c, d_in), J[p, :, q, :] = ∂f_L[p] / ∂x_q (zero for q > p)."""
         n, d = self.inputs.shape
         _check_result_fits(n, d, n, d, self.inputs.dtype, self.inputs.device)
+        chunk_size = check_chunk_size(chunk_size) or sweep_chunk_size(self.model, n, self.inputs.dtype)
         jac = torch.zeros(n, d, n, d, dtype=self.inputs.dtype, device=self.inputs.device)
         chunks = list(_causal_basis(n - 1, d, chunk_size, self.inputs.dtype, self.inputs.device))
         with _without_biases(self.model):  # columns J⁺_L e directly, not (J⁺_L e + c_L) − c_L
