@@ -1,6 +1,7 @@
 """The op-level linearization's cost beside the class-name adapter path it replaced, side by side in one run.
 
-    OMP_NUM_THREADS=1 python benchmarks/oplevel_cost.py [--reps 3] [--tokens 7] [--adapters-commit e83847f]
+    OMP_NUM_THREADS=1 python benchmarks/oplevel_cost.py [--model smollm2-135m] [--reps 3] [--tokens 7]
+                                                        [--cases final,sweep] [--adapters-commit e83847f]
 
 The adapters were deleted with issue 12, so their path runs from a git worktree of the last commit that had
 them (made under /tmp on first use). Each measurement is a fresh process of either lllm with default options,
@@ -28,8 +29,8 @@ PROMPT = "The bridge out of Marin is the Golden Gate Bridge, which"
 # Runs in the measured process; only API that both versions have.
 WORKER = """
 import json, sys, time, torch, lllm
-case, tokens, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-model, tokenizer = lllm.load("smollm2-135m")
+case, tokens, out, name = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+model, tokenizer = lllm.load(name)
 ids = tokenizer({prompt!r})["input_ids"][:tokens]
 lllm.detached_jacobian(model, tokenizer, ids[:2], progress=False)  # warm-up: first-call costs are not the case's
 start = time.perf_counter()
@@ -53,13 +54,13 @@ def worktree(commit: str) -> Path:
     return path
 
 
-def measure(source: Path, case: str, tokens: int, cache: Path | None, out: Path) -> dict:
+def measure(source: Path, case: str, tokens: int, cache: Path | None, out: Path, model: str) -> dict:
     """One fresh process of the lllm under `source`: its seconds for `case`, results saved to `out`."""
     env = {**os.environ, "PYTHONPATH": str(source), "TQDM_DISABLE": "1"}
     if cache is not None:  # the adapters' lllm writes dense copies in its own format: a cache of its own
         env["LLLM_CACHE_DIR"] = str(cache)
     code = WORKER.format(prompt=PROMPT)
-    done = subprocess.run([sys.executable, "-c", code, case, str(tokens), str(out)], env=env, cwd=source, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", code, case, str(tokens), str(out), model], env=env, cwd=source, capture_output=True,
                           text=True, check=False)
     if done.returncode:
         raise SystemExit(f"{source} {case} failed:\n{done.stderr[-3000:]}")
@@ -70,6 +71,7 @@ def measure(source: Path, case: str, tokens: int, cache: Path | None, out: Path)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="an embedded model both versions know")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=7)
     parser.add_argument("--cases", default="final,sweep", help="comma-separated subset of final,sweep")
@@ -82,7 +84,7 @@ def main() -> None:
             times = {name: [] for name in sources}
             for rep in range(args.reps):  # alternate, so that both see the same load
                 for name, (source, cache) in sources.items():
-                    report = measure(source, case, args.tokens, cache, Path(tmp) / f"{name}-{case}.pt")
+                    report = measure(source, case, args.tokens, cache, Path(tmp) / f"{name}-{case}.pt", args.model)
                     times[name].append(report["seconds"])
             medians = {name: statistics.median(t) for name, t in times.items()}
             for name, t in times.items():
