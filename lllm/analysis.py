@@ -250,17 +250,14 @@ def _is_summary(path: Path) -> bool:
 def run(args: argparse.Namespace) -> int:
     """Analyze one prompt, write everything to --out, and print the headline numbers."""
     from . import load
-    from .models import DTYPES
     from .errors import OutputPathError
-    from .models import check_device
-    from .store import entry_files_only, save_result
+    from .models import DTYPES, check_device
+    from .store import check_entry_target, save_result
 
     check_prompt_text(args.prompt)
     check_device(args.device)
     out = writable_directory(args.out, "--out")  # before the model loads and the analysis runs
-    entry = out / "analysis"
-    if entry.exists() and not (entry.is_dir() and entry_files_only(entry)):
-        raise OutputPathError(f"{entry} exists and lllm did not write it; give another --out")
+    check_entry_target(out / "analysis", "--out")
     summary = out / "analysis-summary.json"
     if summary.exists() and not _is_summary(summary):
         raise OutputPathError(f"{summary} exists and lllm did not write it; give another --out")

@@ -513,7 +513,8 @@ def execute_all(runs: Sequence[Run], *, jobs: int = 1, force: bool = False, prog
             by_model.setdefault(run.model, []).append(run)
     interleaved = [run for batch in itertools.zip_longest(*by_model.values()) for run in batch if run is not None]
     stages = [interleaved, [r for r in todo if r.model is None]]
-    with _kernel_environment(threads=max(1, (os.cpu_count() or 1) // max(1, jobs))), tqdm(total=len(runs), initial=len(report.skipped), desc="lllm book",
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))  # the cores divided among the kernels at once
+    with _kernel_environment(threads), tqdm(total=len(runs), initial=len(report.skipped), desc="lllm book",
                                            unit="notebook", disable=not progress) as bar:
         for stage in stages:
             for run, (failure, cost) in _execute_stage(stage, jobs, bar):

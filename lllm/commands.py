@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 
-
 from .models import DTYPES
 
 
@@ -33,9 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from .decompose import per_token_stable_rank
     from .generation import top_next_tokens
     from .jacobian import detached_jacobian
-    from .errors import OutputPathError
     from .models import check_device
-    from .store import entry_files_only, result_to_record, save_result
+    from .store import check_entry_target, result_to_record, save_result
     from .validation import check_chunk_size, check_int, check_prompt_text, writable_directory
 
     check_chunk_size(args.chunk_size)
@@ -43,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
     check_prompt_text(args.prompt)
     check_device(args.device)
     save = None if args.save is None else writable_directory(args.save, "--save")  # before any work
-    if save is not None and save.is_dir() and not entry_files_only(save):
-        raise OutputPathError(f"--save {save} holds files that lllm did not write; give a new or empty directory")
+    if save is not None:
+        check_entry_target(save, "--save")
     start = time.perf_counter()
     model, tokenizer = load(args.model, dtype=DTYPES[args.dtype], device=args.device)
     loaded = time.perf_counter() - start

@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 from .errors import MemoryBudgetError, ReplayError, UnsupportedModelError
 from .parts import SUBMODULE_NAMES, DecoderParts, decoder_parts
 from .jacobian import (
-    JacobianResult, available_memory, embed, final_hidden, refusing_raw_errors, relative_error, reverse_jacobian, self_check, text_config,
-    tokenize,
+    JacobianResult, available_memory, embed, final_hidden, refusing_raw_errors, relative_error, reverse_jacobian,
+    self_check, text_config, tokenize,
 )
 from .oplevel import additive_duals, additive_parameters, detached
 from .validation import check_choice, check_chunk_size, check_components, check_layers, check_position, grad_enabled

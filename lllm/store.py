@@ -32,7 +32,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .errors import CacheError
+from .errors import CacheError, OutputPathError
 from .jacobian import JacobianResult
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,13 @@ def _storable(name: Any, tensor: Any) -> torch.Tensor:
 def entry_files_only(path: Path) -> bool:
     """True when an existing directory holds nothing but entry files (so replacing it loses nothing else)."""
     return {p.name for p in path.iterdir()} <= {TENSORS_FILE, META_FILE}
+
+
+def check_entry_target(path: Path, what: str) -> None:
+    """Refuse, before any work, an entry path that exists and is not an entry lllm wrote (replacing it would lose
+    the user's files)."""
+    if path.exists() and not (path.is_dir() and entry_files_only(path)):
+        raise OutputPathError(f"{what} {path} holds files that lllm did not write; give a new or empty directory")
 
 
 def _remove_entry(path: Path) -> None:

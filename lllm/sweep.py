@@ -589,7 +589,7 @@ def run_sweep(
 
 def check_output(out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
     """`out` as a sweep's result file: writable, not an input, and not a file that lllm did not write."""
-    out = writable_file(out, "--out", inputs=[p for p in inputs if p is not None])
+    out = writable_file(out, "--out", inputs=inputs)
     if out.exists():
         try:
             schema = pq.read_schema(out)

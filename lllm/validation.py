@@ -138,7 +138,7 @@ def writable_directory(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def writable_file(path: str | os.PathLike, what: str, *, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+def writable_file(path: str | os.PathLike, what: str, *, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
     """`path` as a file that can be written: not a directory, not one of `inputs`, its directory writable."""
     path = Path(path).expanduser()
     if path.is_dir():
