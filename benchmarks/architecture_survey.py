@@ -7,7 +7,7 @@ whose config will not build that way are listed as "not built" (no verdict). Eac
 through `lllm.detached_jacobian` in float64 and float32 (eager attention and experts, random weights):
 
 - exact:   J⁺ reconstructs y (≤ 1e-12 fp64, ≤ 5e-6 fp32), the fp32 forward is bitwise unchanged, y is what
-           lm_head reads, the ordinary J does not (lllm.zoo.check_architecture, as the tests);
+           lm_head reads, the ordinary J does not (lllm.apps.zoo.check_architecture, as the tests);
 - refused: an `LLLMError` (the op, module and modeling line it names are recorded);
 - WRONG:   anything else that returned a number: the case that must never happen.
 """
@@ -24,7 +24,7 @@ import torch
 import transformers
 
 import lllm
-from lllm.zoo import check_architecture
+from lllm.apps.zoo import check_architecture
 
 SIZES = dict(hidden_size=32, n_embd=32, d_model=32, num_hidden_layers=2, n_layer=2, num_layers=2,
              num_attention_heads=4, n_head=4, num_key_value_heads=2, intermediate_size=64, ffn_dim=64,

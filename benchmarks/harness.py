@@ -6,10 +6,10 @@
 Cases, each a section of RESULTS.md in --out (a run replaces only the sections of the cases it
 runs, so cases can be run one at a time), case d also writes time_vs_tokens.png:
 
-a. the full per-prompt analysis data (`lllm.analysis.analyze`) against the reference's one
+a. the full per-prompt analysis data (`lllm.analyses.pipeline.analyze`) against the reference's one
    `jacobian(vectorize=True)` call per figure and full SVDs, on the paper's 7-token prompt, with
    the agreement of every Jacobian, spectrum and stable rank;
-b. top-k singular triplets of the token-combined J⁺ at T tokens: matrix-free (`lllm.matfree`)
+b. top-k singular triplets of the token-combined J⁺ at T tokens: matrix-free (`lllm.kernel.matfree`)
    against the full J then an SVD; per-token top-k of every J⁺ᵢ;
 c. peak memory at T tokens of lllm's full J⁺ for several chunk sizes, and of the matrix-free top-k;
 d. time against T: reference full J, lllm's chunked reverse-mode J⁺, matrix-free top-k.
@@ -52,10 +52,10 @@ sys.path.insert(0, str(ROOT))
 import lllm  # noqa: E402
 from benchmarks.matfree_t256 import TEXT  # noqa: E402
 from benchmarks.reference import COMPONENTS, full_jacobian, reference_analysis  # noqa: E402
-from lllm.analysis import analyze  # noqa: E402
-from lllm.jacobian import embed, estimate_jacobian_bytes  # noqa: E402
-from lllm.layers import cumulative_jacobians, layerwise_jacobians  # noqa: E402
-from lllm.matfree import DetachedOperator, all_token_topk, topk_svd  # noqa: E402
+from lllm.analyses.pipeline import analyze  # noqa: E402
+from lllm.kernel.jacobian import embed, estimate_jacobian_bytes  # noqa: E402
+from lllm.kernel.layers import cumulative_jacobians, layerwise_jacobians  # noqa: E402
+from lllm.kernel.matfree import DetachedOperator, all_token_topk, topk_svd  # noqa: E402
 
 PROMPT = "The bridge out of Marin is the"  # the paper's prompt: 7 SmolLM2 tokens
 RESULT_MARK = "HARNESS-RESULT "  # prefix of the worker's JSON line on stdout
@@ -160,13 +160,13 @@ def full_then_svds(model, tokenizer, ids, source: str, chunk_size: int | None = 
 
 
 def matfree_topk(model, tokenizer, ids, k: int, **options) -> dict:
-    """Top-k σ of the combined J⁺ by lllm.matfree (operator opening included), never forming J."""
+    """Top-k σ of the combined J⁺ by lllm.kernel.matfree (operator opening included), never forming J."""
     with DetachedOperator(model, embed(model, ids)) as op:
         return {"sigma": topk_svd(op, k, **options)[1].tolist()}
 
 
 def matfree_tokens(model, tokenizer, ids, k: int) -> dict:
-    """Top-k σ of every J⁺ᵢ by lllm.matfree.all_token_topk (auto strategy, memory-bounded)."""
+    """Top-k σ of every J⁺ᵢ by lllm.kernel.matfree.all_token_topk (auto strategy, memory-bounded)."""
     with DetachedOperator(model, embed(model, ids)) as op:
         spectra = all_token_topk(op, k, progress=False)
         return {"token_sigma": spectra.S.tolist(), "strategy": spectra.strategy}
@@ -344,7 +344,7 @@ def case_a(bench: Bench) -> str:
         f"## (a) Per-prompt analysis data, T = {len(ids)} ({bench.tokenizer.decode(ids)!r})",
         "",
         f"Median of {reps} alternating in-process runs (lllm, reference, lllm + ordinary J). **lllm** = "
-        "`lllm.analysis.analyze`: final J⁺ (chunked reverse mode), the ordinary J's reconstruction Σ Jᵢxᵢ "
+        "`lllm.analyses.pipeline.analyze`: final J⁺ (chunked reverse mode), the ordinary J's reconstruction Σ Jᵢxᵢ "
         "for Fig 3 from **one JVP** (lllm does not form the ordinary J), cumulative and layer-wise J⁺ of every "
         "layer for layer/attn/MLP (method auto), per-token SVDs, Gram-based layer spectra, plus the "
         "decodings and row/column features that the reference side does not compute. **lllm + ordinary J** "
@@ -463,7 +463,7 @@ def case_c(bench: Bench) -> str:
         f"## (c) Peak memory at T = {T}",
         "",
         f"One fresh subprocess per row (seconds exclude the model load). J⁺ itself is {d * T * d * 4 / GIB:.2f} GiB "
-        "in float32. \"Estimate\" is `lllm.jacobian.estimate_jacobian_bytes`, the conservative bound that "
+        "in float32. \"Estimate\" is `lllm.kernel.jacobian.estimate_jacobian_bytes`, the conservative bound that "
         "`check_fits` refuses against.",
         "",
         "| what | peak RSS GiB | over the loaded model GiB | estimate GiB | seconds |",

@@ -21,8 +21,8 @@ import torch
 
 import lllm
 from lllm.errors import MemoryBudgetError
-from lllm.jacobian import estimate_jacobian_bytes
-from lllm.matfree import DetachedOperator, all_token_topk, topk_svd
+from lllm.kernel.jacobian import estimate_jacobian_bytes
+from lllm.kernel.matfree import DetachedOperator, all_token_topk, topk_svd
 
 # Plain prose, long enough for 256 SmolLM2 tokens (it has about 300); it ends with the paper's prompt.
 TEXT = (

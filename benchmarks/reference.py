@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.autograd.functional import jacobian
 
-from lllm.jacobian import embed, final_hidden, tokenize
-from lllm.oplevel import detached
+from lllm.kernel.jacobian import embed, final_hidden, tokenize
+from lllm.kernel.oplevel import detached
 
 COMPONENTS = ("layer", "attn", "mlp")
 _SUBMODULE = {"attn": "self_attn", "mlp": "mlp"}

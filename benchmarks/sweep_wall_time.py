@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from lllm.sweep import DEFAULT_LOADER, FAST, TIMING_COLUMNS, load_sweep, read_prompts, run_sweep
+from lllm.apps.sweep import DEFAULT_LOADER, FAST, TIMING_COLUMNS, load_sweep, read_prompts, run_sweep
 
 
 def _rows(df) -> list[dict]:

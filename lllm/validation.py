@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .errors import ArgumentError, OutputPathError, PromptError
+from lllm.errors import ArgumentError, OutputPathError, PromptError
 
 F = TypeVar("F", bound=Callable[..., Any])
 

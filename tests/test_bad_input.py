@@ -17,14 +17,16 @@ import torch
 from tiny import IdsTokenizer, tiny_model
 
 import lllm
-from lllm import cli, models
-from lllm.analysis import cached_analyze
+from lllm.kernel.jacobian import embed
+from lllm.apps import cli
+from lllm.io import models
+from lllm.analyses.pipeline import cached_analyze
 from lllm.errors import (
     ArgumentError, LLLMError, ModelFileError, OperatorError, OutputPathError, PromptError, SweepError,
     UnknownModelError,
 )
-from lllm.store import ResultCache
-from lllm.sweep import run_sweep
+from lllm.io.store import ResultCache
+from lllm.apps.sweep import run_sweep
 
 TOK = IdsTokenizer()
 PROMPT = "3 4 5"
@@ -175,7 +177,7 @@ def test_negative_layers_count_from_the_end(tiny):
 
 
 def test_analyze_checks_its_layers_before_any_work(tiny, monkeypatch):
-    monkeypatch.setattr("lllm.analysis.detached_jacobian", lambda *a, **k: pytest.fail("computed before checking"))
+    monkeypatch.setattr("lllm.analyses.pipeline.detached_jacobian", lambda *a, **k: pytest.fail("computed before checking"))
     with pytest.raises(ArgumentError, match="outside the model's 2 layers"):
         lllm.analyze(tiny, TOK, PROMPT, layers=[2], progress=False)
     with pytest.raises(ArgumentError):
@@ -195,7 +197,7 @@ def test_decoding_refuses_what_is_not_an_svd_or_a_vector(tiny):
 
 
 def test_the_operator_and_steering_and_generation_refuse_bad_arguments(tiny):
-    x = lllm.embed(tiny, [3, 4, 5])
+    x = embed(tiny, [3, 4, 5])
     with pytest.raises(PromptError):
         lllm.DetachedOperator(tiny, x, position=3)
     with pytest.raises(ArgumentError):
@@ -432,7 +434,7 @@ def test_an_output_on_a_read_only_file_system_is_refused_before_any_work(capsys,
     ({"dtype": "float8"}, LLLMError),
 ])
 def test_book_refuses_bad_options_before_running_a_notebook(tmp_path, kw, error, monkeypatch):
-    from lllm import book
+    from lllm.apps import book
 
     monkeypatch.setattr(book, "execute_all", lambda *a, **k: pytest.fail("ran notebooks before refusing"))
     (tmp_path / "_config.yml").write_text("title: t\n")
@@ -442,7 +444,7 @@ def test_book_refuses_bad_options_before_running_a_notebook(tmp_path, kw, error,
 
 
 def test_cache_command_lists_sizes_and_clears(tmp_path, monkeypatch, capsys):
-    from lllm.cache import cache_entries
+    from lllm.apps.cache import cache_entries
 
     monkeypatch.setenv("LLLM_CACHE_DIR", str(tmp_path))
     dense = tmp_path / "dense" / (models.EMBEDDED_MODELS["smollm2-135m"].sha256[:16] + "-tf5.23.0-float64")

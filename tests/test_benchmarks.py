@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import lllm
+from lllm.kernel.jacobian import embed
 from benchmarks import harness
 from benchmarks.reference import COMPONENTS, full_jacobian, reference_analysis
-from lllm.analysis import analyze
-from lllm.layers import cumulative_jacobians, layerwise_jacobians
+from lllm.analyses.pipeline import analyze
+from lllm.kernel.layers import cumulative_jacobians, layerwise_jacobians
 from tiny import IdsTokenizer, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,10 +51,10 @@ def test_reference_computes_what_lllm_computes(family):
 
 def test_reference_detached_jacobian_reconstructs_the_output():
     model = tiny_model("llama", torch.float64)
-    x = lllm.embed(model, TOK(PROMPT)["input_ids"])
+    x = embed(model, TOK(PROMPT)["input_ids"])
     jac = full_jacobian(model, x)
     with torch.no_grad(), lllm.detached(model):  # in float64 the detached forward skips transformers' float32 norm
-        y = lllm.jacobian.final_hidden(model, x)
+        y = lllm.kernel.jacobian.final_hidden(model, x)
     assert lllm.relative_error(y, torch.einsum("otd,td->o", jac, x)) <= 1e-12
 
 

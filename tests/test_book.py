@@ -20,9 +20,9 @@ import yaml
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 import lllm
-from lllm import book
+from lllm.apps import book
 from lllm.errors import PromptError
-from lllm.book import BookBuildError, NotebookMetadataError, build_book, discover, model_slug, plan
+from lllm.apps.book import BookBuildError, NotebookMetadataError, build_book, discover, model_slug, plan
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_NOTEBOOKS = Path(__file__).resolve().parent / "data" / "notebooks"
@@ -157,7 +157,7 @@ def test_book_builds_with_warnings_as_errors_and_local_mathjax(session_book):
         assert not remote, f"{page} loads {remote}"
         assert "unpkg.com" not in text and "cdn.jsdelivr" not in text, page
     api = (html / "api.html").read_text()
-    assert 'id="lllm.jacobian.detached_jacobian"' in api and 'id="lllm.book.build_book"' in api
+    assert 'id="lllm.kernel.jacobian.detached_jacobian"' in api and 'id="lllm.apps.book.build_book"' in api
     assert "generated/broken/tiny" not in (html / "generated" / "chapters" / "broken.html").read_text()
 
 

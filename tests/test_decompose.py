@@ -1,4 +1,4 @@
-"""Tests of lllm.decompose: SVD sign convention, stable rank, and token decodings against brute force."""
+"""Tests of lllm.analyses.decompose: SVD sign convention, stable rank, and token decodings against brute force."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import torch
 from tiny import IdsTokenizer, tiny_model
 
 from lllm import detached_jacobian
-from lllm.decompose import (
+from lllm.analyses.decompose import (
     combined_svd, decode_input, decode_output, decode_svd, per_token_stable_rank, projection_onto,
     row_col_features, split_right_vectors, stable_rank, svd, token_svds,
 )
-import lllm.decompose as dec
+import lllm.analyses.decompose as dec
 from lllm.errors import LLLMError, UnsupportedModelError
-from lllm.oplevel import detached
+from lllm.kernel.oplevel import detached
 
 TOKENIZER = IdsTokenizer()
 DECODE_FAMILIES = ("llama", "gemma3")  # untied lm_head; tied lm_head with a √d-scaled embedding

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from lllm.models import EMBEDDED_MODELS
+from lllm.io.models import EMBEDDED_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 

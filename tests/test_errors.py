@@ -32,7 +32,7 @@ def test_unused_module_in_the_tree_is_not_in_the_way():
 
 
 def test_layer_readouts_refuse_an_unknown_op_at_its_line():
-    from lllm.zoo import tiny_architecture
+    from lllm.apps.zoo import tiny_architecture
 
     model = tiny_architecture("gpt2")
     model.transformer.h[0].mlp.act = SpecialI0().eval()  # torch.special.i0: no entry in the op table
@@ -82,7 +82,7 @@ def test_out_of_vocabulary_ids_are_refused():
 def test_self_check_catches_a_wrong_frozen_factor(monkeypatch):
     """If a rule froze the wrong factor (here g = 1 for SiLU, live in the gate split), the tags still prove
     linearity but the result is refused by the numeric self-check, not returned."""
-    from lllm import oplevel
+    from lllm.kernel import oplevel
 
     monkeypatch.setattr(oplevel, "_factor", lambda name, h, value, kwargs: torch.ones_like(h))
     model = tiny_model("llama", torch.float64)

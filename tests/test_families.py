@@ -21,7 +21,7 @@ def _logits(model, prompt=PROMPT):
 def test_forward_is_bitwise_unchanged_in_float32(family):
     model = tiny_model(family, torch.float32)
     reference = _logits(model)
-    for split in lllm.oplevel.MLP_SPLITS:
+    for split in lllm.kernel.oplevel.MLP_SPLITS:
         with lllm.detached(model, mlp_split=split):
             assert torch.equal(_logits(model), reference), split
 

@@ -7,7 +7,7 @@ import torch
 from tiny import FAMILY_CONFIGS, IdsTokenizer, tiny_model
 
 from lllm.errors import LLLMError, PromptError
-from lllm.generation import generate_with_jacobians, greedy_continuation, next_token_logits
+from lllm.analyses.generation import generate_with_jacobians, greedy_continuation, next_token_logits
 
 FAMILIES = sorted(FAMILY_CONFIGS)
 RECONSTRUCTION_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}

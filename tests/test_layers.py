@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lllm
-from lllm.layers import COMPONENTS, cumulative_jacobians, layerwise_jacobians
+from lllm.kernel.layers import COMPONENTS, cumulative_jacobians, layerwise_jacobians
 from tiny import ARCHITECTURES, FAMILY_CONFIGS, NO_BATCHED_REPLAY, IdsTokenizer, tiny_architecture, tiny_model
 
 FAMILIES = sorted(FAMILY_CONFIGS)
@@ -38,7 +38,7 @@ def test_cumulative_last_layer_equals_final_detached_jacobian(family):
 def test_the_final_jacobian_is_taken_from_the_cumulative_run_only_where_it_is_the_same(dtype):
     """analyze and the sweep take the final J⁺ from the cumulative run's last layer: it must be the J⁺ of what
     lm_head reads (≤ 1e-5 relative in fp32); where lm_head reads something else (a hook), it is computed."""
-    from lllm.layers import final_from_cumulative
+    from lllm.kernel.layers import final_from_cumulative
 
     model = tiny_model("llama", dtype)
     direct = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import lllm
-from lllm.decompose import svd
-from lllm.errors import LinearizationError, PromptError
-from lllm.matfree import DetachedOperator, OperatorError, all_token_topk, topk_svd
+from lllm.analyses.decompose import svd
+from lllm.errors import LinearizationError, MemoryBudgetError, PromptError
+from lllm.kernel.matfree import DetachedOperator, OperatorError, all_token_topk, topk_svd
 from tiny import FAMILY_CONFIGS, IdsTokenizer, tiny_model
 
 FAMILIES = sorted(FAMILY_CONFIGS)
@@ -63,7 +63,7 @@ def test_topk_svd_matches_the_full_svd(family):
         s_full = torch.linalg.svdvals(full.combined)[:4]
         assert relative(s, s_full) <= 1e-8
         assert u.shape == (64, 4) and v.shape == (4, 9, 64)
-        # the triplets are singular triplets of J⁺, oriented as lllm.decompose.svd orients them
+        # the triplets are singular triplets of J⁺, oriented as lllm.analyses.decompose.svd orients them
         torch.testing.assert_close(full.combined @ v.reshape(4, -1).T, u * s, rtol=0, atol=1e-7)
         torch.testing.assert_close(u.T @ u, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-10)
         assert (full.output @ u > 0).all()
@@ -118,7 +118,7 @@ def test_all_token_topk_strategies_agree_with_per_block_svds(family):
         # less than one block fits: only the randomized strategy is possible
         sketched = all_token_topk(op, 3, memory_budget=block_bytes - 1, oversample=29, power_iters=0, progress=False)
         assert sketched.strategy == "randomized"
-        with pytest.raises(lllm.MemoryBudgetError):
+        with pytest.raises(MemoryBudgetError):
             all_token_topk(op, 3, strategy="exact", memory_budget=block_bytes - 1, progress=False)
     for result in (auto, two_per_pass, sketched):
         assert result.S.shape == (9, 3) and result.U.shape == (9, 32, 3) and result.V.shape == (9, 3, 32)
@@ -160,7 +160,7 @@ def test_model_is_restored_and_operator_refuses_misuse():
 def test_a_missed_nonlinearity_is_refused(monkeypatch):
     """With a wrong activation factor (g = 1, live in the "gate" split: the tags still prove linearity), J no
     longer reconstructs y: the operator's numeric self-check must refuse to open."""
-    from lllm import oplevel
+    from lllm.kernel import oplevel
 
     monkeypatch.setattr(oplevel, "_factor", lambda name, h, value, kwargs: torch.ones_like(h))
     model = tiny_model("llama", torch.float64)

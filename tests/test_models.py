@@ -1,4 +1,4 @@
-"""Tests of the embedded-model registry and loader (lllm.models), on the real weights the packages ship."""
+"""Tests of the embedded-model registry and loader (lllm.io.models), on the real weights the packages ship."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lllm import models
+from lllm.io import models
 from lllm.errors import LLLMError, ModelFileError, UnknownModelError
 
 PROMPT = "The bridge out of Marin is the"

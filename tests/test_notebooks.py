@@ -19,8 +19,8 @@ import matplotlib
 import nbformat
 import pytest
 
-from lllm.book import SCOPES, discover
-from lllm.plots import analysis_layers, figure_title, paper_claims, save_figure
+from lllm.apps.book import SCOPES, discover
+from lllm.apps.plots import analysis_layers, figure_title, paper_claims, save_figure
 
 matplotlib.use("Agg")
 
@@ -122,7 +122,7 @@ def test_paper_claims_on_a_tiny_model():
     import torch
     from tiny import IdsTokenizer, tiny_model
 
-    from lllm.analysis import analyze
+    from lllm.analyses.pipeline import analyze
 
     model = tiny_model("llama", torch.float32, seed=0)
     analysis = analyze(model, IdsTokenizer(), "1 2 3 4 5", progress=False)
@@ -164,7 +164,7 @@ def tiny_loader(name: str, dtype):
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory):
     """A real sweep (three prompts, every layer) of a tiny model, where the At scale page looks for it."""
-    from lllm.sweep import run_sweep
+    from lllm.apps.sweep import run_sweep
 
     out = tmp_path_factory.mktemp("sweeps")
     run_sweep("tiny-llama", ["1 2 3", "4 5 6 7", "8 9"], out / "sweep-tiny-llama.parquet", loader=tiny_loader,

@@ -7,9 +7,10 @@ import torch
 import transformers as T
 
 import lllm
-from lllm import oplevel
-from lllm.layers import COMPONENTS
-from lllm.oplevel import detached
+from lllm.errors import LinearizationError
+from lllm.kernel import oplevel
+from lllm.kernel.layers import COMPONENTS
+from lllm.kernel.oplevel import detached
 from tiny import (
     ARCHITECTURES, COMMON, FAMILY_CONFIGS, IdsTokenizer, check_architecture, lm_head_reads, randomize, tiny_architecture,
     tiny_model,
@@ -249,7 +250,7 @@ def test_removing_softmax_from_the_op_table_raises_at_the_modeling_line(monkeypa
 def test_declaring_gelu_linear_is_caught_by_the_self_check(monkeypatch):
     monkeypatch.setattr(oplevel, "ACTIVATIONS", oplevel.ACTIVATIONS - {"gelu"})
     monkeypatch.setattr(oplevel, "PASS", oplevel.PASS | {"gelu"})
-    with pytest.raises(lllm.LinearizationError, match="reconstructs it only"):
+    with pytest.raises(LinearizationError, match="reconstructs it only"):
         lllm.detached_jacobian(tiny_architecture("gpt_neox"), TOK, PROMPT, progress=False)
 
 
@@ -314,7 +315,7 @@ def test_the_per_prompt_analysis_runs_on_a_decoder_without_an_adapter():
 @pytest.mark.parametrize("arch", ["gpt2", "gemma2", "falcon", "mixtral"])
 def test_steering_operator_of_any_decoder_matches_its_cumulative_jacobian(arch):
     """The concept operator (op-level recording, replayed on basis vectors in token windows) against reverse mode."""
-    from lllm.steering import concept_operator
+    from lllm.analyses.steering import concept_operator
 
     model = tiny_architecture(arch, torch.float64)
     operator = concept_operator(model, TOK, "1 5 9 17 33", layer=1)
@@ -344,7 +345,7 @@ def _wrap_mlp(model, forward):
 
 def _every_path_is_exact_or_refused(model):
     """The final J⁺, both layer sweeps and the steering operator: an exact result or an lllm error, never a wrong one."""
-    from lllm.steering import concept_operator
+    from lllm.analyses.steering import concept_operator
 
     final = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
     for method in ("forward", "reverse", "auto"):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import lllm
-from lllm.cli import main as lllm_main
+from lllm.io.store import record_to_result
+from lllm.apps.cli import main as lllm_main
 
 PROMPT = "The bridge out of Marin is the"
 MAX_ERROR = {torch.float32: 5e-6, torch.float64: 1e-12}
@@ -43,9 +44,9 @@ def test_cli_jacobian_prints_and_saves(tmp_path, capsys):
     assert "error" in text and "stable rank per token" in text and "next" in text
     tensors, meta = lllm.load_result(out)
     assert tensors["jacobian"].shape == (576, 7, 576)
-    assert meta["model"]["sha256"] == lllm.models.EMBEDDED_MODELS["smollm2-135m"].sha256
+    assert meta["model"]["sha256"] == lllm.io.models.EMBEDDED_MODELS["smollm2-135m"].sha256
     assert meta["prompt"] == PROMPT and len(meta["token_ids"]) == 7
-    assert lllm.record_to_result(tensors, meta).relative_error <= 5e-6
+    assert record_to_result(tensors, meta).relative_error <= 5e-6
     json.dumps(meta)  # the metadata is plain JSON
 
 

@@ -7,11 +7,11 @@ import torch
 from tiny import FAMILY_CONFIGS, IdsTokenizer, tiny_model
 
 from lllm.errors import LLLMError, PromptError
-from lllm.generation import greedy_continuation, next_token_logits
-from lllm.jacobian import embed, relative_error
-from lllm.layers import cumulative_jacobians
-from lllm.oplevel import detached
-from lllm.steering import (
+from lllm.analyses.generation import greedy_continuation, next_token_logits
+from lllm.kernel.jacobian import embed, relative_error
+from lllm.kernel.layers import cumulative_jacobians
+from lllm.kernel.oplevel import detached
+from lllm.analyses.steering import (
     _layer_output, concept_operator, default_layer, lambda_sweep, steer, steered_activation, steered_continuation,
     steered_logits, sweep_table,
 )
@@ -100,7 +100,7 @@ def test_matrix_free_operator_on_a_new_prompt(family, prompt):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_operator_matches_cumulative_jacobian_at_every_position(family):
-    """The concept operator agrees with lllm.layers' cumulative J⁺ (no final norm), computed independently."""
+    """The concept operator agrees with lllm.kernel.layers' cumulative J⁺ (no final norm), computed independently."""
     model = tiny_model(family, torch.float64)
     operator = concept_operator(model, TOKENIZER, CONCEPT, layer=1)
     jac = operator.jacobian()

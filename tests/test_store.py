@@ -1,4 +1,4 @@
-"""lllm.store: bit-identical round trips, content-addressed cache, corruption detection, atomic writes."""
+"""lllm.io.store: bit-identical round trips, content-addressed cache, corruption detection, atomic writes."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 import torch
 from tiny import IdsTokenizer, tiny_model
 
-from lllm import detached_jacobian, store
+from lllm import detached_jacobian
+from lllm.io import store
 from lllm.errors import CacheError
-from lllm.store import (
+from lllm.io.store import (
     META_FILE, TENSORS_FILE, ResultCache, computation_fields, load_result, model_identity, record_to_result,
     result_to_record, save_result,
 )

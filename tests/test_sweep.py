@@ -1,4 +1,4 @@
-"""Tests of lllm.sweep on a tiny seeded model: engines agree, a killed sweep resumes, failures are rows."""
+"""Tests of lllm.apps.sweep on a tiny seeded model: engines agree, a killed sweep resumes, failures are rows."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import torch
 from tiny import IdsTokenizer, tiny_model
 
 from lllm import detached_jacobian
-from lllm.decompose import per_token_stable_rank, stable_rank
-from lllm.layers import cumulative_jacobians
-from lllm.sweep import (
+from lllm.analyses.decompose import per_token_stable_rank, stable_rank
+from lllm.kernel.layers import cumulative_jacobians
+from lllm.apps.sweep import (
     COMPONENTS, FAST, TIMING_COLUMNS, PartStore, SweepConfig, SweepError, load_sweep, loads_in_process, local_cluster,
     prompt_id, read_prompts, resolve_layers, run_sweep, stable_rank_long, summarize_sweep,
 )
@@ -173,7 +173,7 @@ def test_dask_engine_rows_equal_local_rows_and_each_worker_loads_once(tmp_path):
 def cli_sweep_past_its_first_commit(prompt_file: Path, out: Path, loader: str, *options: str) -> subprocess.Popen:
     """`lllm sweep` on the tiny model in a subprocess (stderr piped as text), returned once a part is committed."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    cmd = [sys.executable, "-m", "lllm.cli", "sweep", "--model", MODEL, "--loader", loader, "--prompts",
+    cmd = [sys.executable, "-m", "lllm.apps.cli", "sweep", "--model", MODEL, "--loader", loader, "--prompts",
            str(prompt_file), "--out", str(out), "--dtype", "float64", "--no-progress", *options]
     # SIGINT as the terminal sends it; a child of a non-interactive shell may inherit it ignored, so restore it
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

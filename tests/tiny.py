@@ -1,6 +1,6 @@
-"""The tiny random models the tests use live in lllm.zoo (the supported-architectures page runs them too)."""
+"""The tiny random models the tests use live in lllm.apps.zoo (the supported-architectures page runs them too)."""
 
-from lllm.zoo import (  # noqa: F401
+from lllm.apps.zoo import (  # noqa: F401
     ARCHITECTURES, COMMON, FAMILY_CONFIGS, IdsTokenizer, check_architecture, lm_head_reads, randomize,
     tiny_architecture, tiny_model,
 )

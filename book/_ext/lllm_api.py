@@ -1,7 +1,7 @@
 """Sphinx extension of the lllm book: fills the API page with every lllm module that exists.
 
 book/api.md holds the marker line below; on reading that page, the marker is replaced by one
-section per module of `lllm.book.API_MODULES` that can be found, each with an autosummary table and
+section per module of `lllm.apps.book.API_MODULES` that can be found, each with an autosummary table and
 its autodoc'd members. A module not written yet is left out; one that exists but fails to import
 or document raises a warning, which fails the -W build.
 
@@ -63,7 +63,7 @@ def _fill_api_page(app, docname: str, source: list[str]) -> None:
     """source-read handler: replace the marker of the API page by the generated module sections."""
     if MARKER not in source[0]:
         return
-    from lllm.book import API_MODULES
+    from lllm.apps.book import API_MODULES
 
     present = [name for name in API_MODULES if importlib.util.find_spec(name) is not None]
     source[0] = source[0].replace(MARKER, api_markdown(present))

@@ -16,7 +16,7 @@ iterations and re-orthonormalization) whose Rayleigh–Ritz step uses the span o
 iterates (block Krylov, Musco & Musco 2015), not the last one only. That costs no extra product
 and, since the subspace contains HMT's, its singular values are at least as accurate.
 
-Sign convention, that of `lllm.decompose.svd`: each pair (uⱼ, vⱼ), defined only up to a joint flip,
+Sign convention, that of `lllm.analyses.decompose.svd`: each pair (uⱼ, vⱼ), defined only up to a joint flip,
 is oriented so that uⱼ·y > 0, y the output embedding (where uⱼ·y = 0: its largest |entry| > 0).
 """
 
@@ -31,14 +31,14 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from tqdm.auto import tqdm
 
-from .decompose import _orientation, svd
-from .errors import MemoryBudgetError, OperatorError, PromptError
-from .jacobian import (
+from lllm.analyses.decompose import _orientation, svd
+from lllm.errors import MemoryBudgetError, OperatorError, PromptError
+from lllm.kernel.jacobian import (
     available_memory, bias_term, embed, estimate_jacobian_bytes, final_hidden, relative_error, self_check, text_config,
     tokenize,
 )
-from .oplevel import MLP_SPLITS, detached
-from .validation import check_choice, check_chunk_size, check_int, check_position, grad_enabled
+from lllm.kernel.oplevel import MLP_SPLITS, detached
+from lllm.validation import check_choice, check_chunk_size, check_int, check_position, grad_enabled
 
 STRATEGIES = ("auto", "exact", "randomized")
 
@@ -244,7 +244,7 @@ def _orthonormalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 
 def _orient(u: torch.Tensor, v: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip pairs by `lllm.decompose.svd`'s convention (uⱼ·y > 0): u (d_out, k), v (k, …), y (d_out,)."""
+    """Flip pairs by `lllm.analyses.decompose.svd`'s convention (uⱼ·y > 0): u (d_out, k), v (k, …), y (d_out,)."""
     signs = _orientation(u[None], y)[0]  # (k,)
     return u * signs, v * signs.reshape(-1, *[1] * (v.ndim - 1))
 
@@ -265,7 +265,7 @@ def topk_svd(
     defaults (96 products) and within 3e-6 with block_size=4, power_iters=8 (72 products). The
     subspace stops growing at min(d_out, n) columns, where it holds the whole row space: then the
     result is exact.
-    Deterministic for a given seed (torch.Generator); signs as in `lllm.decompose.svd` (uⱼ·y > 0).
+    Deterministic for a given seed (torch.Generator); signs as in `lllm.analyses.decompose.svd` (uⱼ·y > 0).
     """
     op._require_open()
     matrix = _Matrix(op, token)
@@ -310,7 +310,7 @@ class TokenSpectra:
     """Top-k singular triplets of every per-token block J⁺ᵢ."""
 
     S: torch.Tensor  # (T, k)
-    U: torch.Tensor  # (T, d_out, k), oriented so that U[i, :, j]·y > 0 (see `lllm.decompose.svd`)
+    U: torch.Tensor  # (T, d_out, k), oriented so that U[i, :, j]·y > 0 (see `lllm.analyses.decompose.svd`)
     V: torch.Tensor  # (T, k, d_in)
     strategy: str  # "exact" or "randomized"
     products: ProductCount  # products this call applied

@@ -36,14 +36,14 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .errors import MemoryBudgetError, ReplayError, UnsupportedModelError
-from .parts import SUBMODULE_NAMES, DecoderParts, decoder_parts
-from .jacobian import (
+from lllm.errors import MemoryBudgetError, ReplayError, UnsupportedModelError
+from lllm.kernel.parts import SUBMODULE_NAMES, DecoderParts, decoder_parts
+from lllm.kernel.jacobian import (
     JacobianResult, available_memory, embed, final_hidden, refusing_raw_errors, relative_error, reverse_jacobian,
     self_check, text_config, tokenize,
 )
-from .oplevel import additive_duals, additive_parameters, detached
-from .validation import check_choice, check_chunk_size, check_components, check_layers, check_position, grad_enabled
+from lllm.kernel.oplevel import additive_duals, additive_parameters, detached
+from lllm.validation import check_choice, check_chunk_size, check_components, check_layers, check_position, grad_enabled
 
 COMPONENTS = ("layer", "attn", "mlp")
 METHODS = ("auto", "forward", "reverse")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .models import DTYPES
+from lllm.io.models import DTYPES
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,12 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Compute, print and optionally save the detached Jacobian of one prompt."""
     from . import load
-    from .decompose import per_token_stable_rank
-    from .generation import top_next_tokens
-    from .jacobian import detached_jacobian
-    from .models import check_device
-    from .store import check_entry_target, result_to_record, save_result
-    from .validation import check_chunk_size, check_int, check_prompt_text, writable_directory
+    from lllm.analyses.decompose import per_token_stable_rank
+    from lllm.analyses.generation import top_next_tokens
+    from lllm.kernel.jacobian import detached_jacobian
+    from lllm.io.models import check_device
+    from lllm.io.store import check_entry_target, result_to_record, save_result
+    from lllm.validation import check_chunk_size, check_int, check_prompt_text, writable_directory
 
     check_chunk_size(args.chunk_size)
     check_int(args.top, "--top", minimum=1)

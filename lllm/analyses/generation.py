@@ -7,7 +7,7 @@ that: for step s, the detached Jacobian of the output embedding predicted from t
 the top-k singular values of each J⁺ᵢ.
 
 `greedy_continuation` is the plain argmax loop (no KV cache: each step recomputes the whole
-sequence). Steering (lllm.steering) runs the same loop with a hook on one layer, so that the
+sequence). Steering (lllm.analyses.steering) runs the same loop with a hook on one layer, so that the
 normal and the steered continuations differ only by the hook.
 """
 
@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .decompose import token_svds
-from .errors import PromptError
-from .jacobian import JacobianResult, detached_jacobian, tokenize
-from .validation import check_int
+from lllm.analyses.decompose import token_svds
+from lllm.errors import PromptError
+from lllm.kernel.jacobian import JacobianResult, detached_jacobian, tokenize
+from lllm.validation import check_int
 
 
 @dataclass

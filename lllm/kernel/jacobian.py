@@ -20,9 +20,9 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .errors import LinearizationError, LLLMError, MemoryBudgetError, PromptError, UnsupportedModelError
-from .oplevel import MLP_SPLITS, additive_duals, additive_parameters, detached
-from .validation import check_choice, check_chunk_size, check_position, grad_enabled, token_id_list
+from lllm.errors import LinearizationError, LLLMError, MemoryBudgetError, PromptError, UnsupportedModelError
+from lllm.kernel.oplevel import MLP_SPLITS, additive_duals, additive_parameters, detached
+from lllm.validation import check_choice, check_chunk_size, check_position, grad_enabled, token_id_list
 
 # Largest reconstruction error that a complete linearization can show, by dtype; above it a
 # nonlinearity escaped the patches and the result is refused rather than returned.
@@ -199,7 +199,7 @@ def check_fits(model: nn.Module, n_tokens: int, chunk_size: int, dtype: torch.dt
         raise MemoryBudgetError(
             f"a {n_tokens}-token Jacobian needs about {need / 2**30:.1f} GiB (chunk_size={chunk_size}) but only "
             f"{available / 2**30:.1f} GiB are available. Use a shorter prompt, a smaller chunk_size, or the "
-            "matrix-free top-k SVD (lllm.matfree), which never materializes J."
+            "matrix-free top-k SVD (lllm.kernel.matfree), which never materializes J."
         )
 
 

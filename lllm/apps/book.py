@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-from .errors import BookBuildError, NotebookMetadataError, PromptError
-from .models import DTYPES
-from .validation import check_int
+from lllm.errors import BookBuildError, NotebookMetadataError, PromptError
+from lllm.io.models import DTYPES
+from lllm.validation import check_int
 
 DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b")
 DEFAULT_PROMPT = "The bridge out of Marin is the"
@@ -59,12 +59,12 @@ PAGE_ORDER = ("paper_vs_book.md", "linearization_choice.md", "performance.md", "
 # A listed module that does not exist yet is left out; one that exists must import and document
 # cleanly, since the book is built with -W.
 API_MODULES = (
-    "lllm.models", "lllm.oplevel", "lllm.parts", "lllm.jacobian", "lllm.layers", "lllm.matfree",
-    "lllm.decompose", "lllm.steering", "lllm.store", "lllm.sweep", "lllm.book", "lllm.errors",
+    "lllm.io.models", "lllm.kernel.oplevel", "lllm.kernel.parts", "lllm.kernel.jacobian", "lllm.kernel.layers", "lllm.kernel.matfree",
+    "lllm.analyses.decompose", "lllm.analyses.steering", "lllm.io.store", "lllm.apps.sweep", "lllm.apps.book", "lllm.errors",
 )
 
 # Modules that only drive notebooks and cannot change their results; editing them re-runs nothing.
-_DRIVER_MODULES = ("book.py", "cli.py")
+_DRIVER_MODULES = ("apps/book", "apps/cli.py")  # relative to the package: the driver itself, whose edits re-run nothing
 _CHAPTER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
@@ -304,12 +304,12 @@ def model_slug(model: str) -> str:
 
 def code_fingerprint() -> str:
     """lllm's version and a hash of its source (minus the driver): a notebook re-runs when either changes."""
-    from . import __version__
+    from lllm import __version__
 
     digest = hashlib.sha256(__version__.encode())
-    package = Path(__file__).parent
+    package = Path(__file__).resolve().parents[1]
     for source in sorted(package.rglob("*.py")):
-        if source.name in _DRIVER_MODULES and source.parent == package:
+        if str(source.relative_to(package).as_posix()).startswith(_DRIVER_MODULES):
             continue
         digest.update(str(source.relative_to(package)).encode())
         digest.update(source.read_bytes())
@@ -463,7 +463,7 @@ def _source_cell_index(path: Path, source: str) -> int | None:
 
 def _python_path_with_this_lllm() -> str:
     """PYTHONPATH with the directory holding this lllm package first."""
-    return os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
+    return os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))
 
 
 @contextmanager

@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .models import EMBEDDED_MODELS, cache_dir, remove_dead_temporaries
+from lllm.io.models import EMBEDDED_MODELS, cache_dir, remove_dead_temporaries
 
 # section -> what it holds; each is a directory under the cache root.
 SECTIONS = {

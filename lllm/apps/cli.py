@@ -6,15 +6,15 @@ import argparse
 import importlib
 import sys
 
-from .errors import LLLMError
+from lllm.errors import LLLMError
 
 # subcommand -> (module that implements it, help). Each module exposes add_arguments(parser) and run(args).
 SUBCOMMANDS = {
-    "jacobian": ("lllm.commands", "detached Jacobian of one prompt: tokens, top next tokens, error, stable ranks"),
-    "analyze": ("lllm.analysis", "everything for one prompt: final and layer-wise Jacobians, SVDs, decodings"),
-    "book": ("lllm.book", "run every notebook for every model through papermill, then build the book"),
-    "sweep": ("lllm.sweep", "the per-prompt analysis over a prompt set, locally or on a Dask cluster"),
-    "cache": ("lllm.cache", "what lllm's cache holds and how large it is; clear it (everything in it is derived)"),
+    "jacobian": ("lllm.apps.commands", "detached Jacobian of one prompt: tokens, top next tokens, error, stable ranks"),
+    "analyze": ("lllm.analyses.pipeline", "everything for one prompt: final and layer-wise Jacobians, SVDs, decodings"),
+    "book": ("lllm.apps.book", "run every notebook for every model through papermill, then build the book"),
+    "sweep": ("lllm.apps.sweep", "the per-prompt analysis over a prompt set, locally or on a Dask cluster"),
+    "cache": ("lllm.apps.cache", "what lllm's cache holds and how large it is; clear it (everything in it is derived)"),
 }
 
 

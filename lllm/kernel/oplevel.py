@@ -49,8 +49,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .errors import CoverageError, LinearizationError, ReplayError, UnsupportedModelError
-from .validation import check_choice
+from lllm.errors import CoverageError, LinearizationError, ReplayError, UnsupportedModelError
+from lllm.validation import check_choice
 
 C, F, L, A, N = "C", "F", "L", "A", "N"
 LIVE = (L, A, N)
@@ -125,7 +125,7 @@ SLOPE_AT_ZERO = {"relu": 0.5, "leaky_relu": 1.0, "elu": 1.0, "selu": 1.050700987
                  "arctan": 1.0, "clamp": 1.0, "clip": 1.0, "hardtanh": 1.0, "hardshrink": 0.0,
                  "softshrink": 0.0, "tanhshrink": 0.0, "threshold": 0.0, "pow": 0.0, "__pow__": 0.0,
                  "square": 0.0}
-_LLLM_DIR = os.path.dirname(os.path.abspath(__file__))
+_LLLM_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the lllm package
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
 

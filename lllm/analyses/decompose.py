@@ -20,9 +20,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .errors import ArgumentError, LLLMError, UnsupportedModelError
-from .jacobian import JacobianResult
-from .validation import check_int, check_type
+from lllm.errors import ArgumentError, LLLMError, UnsupportedModelError
+from lllm.kernel.jacobian import JacobianResult
+from lllm.validation import check_int, check_type
 
 SIGNS = ("positive", "both")  # decode vec only, or vec and -vec
 

@@ -42,13 +42,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import ArgumentError, LLLMError, ReplayError, UnsupportedModelError
-from .generation import greedy_continuation, next_token_logits
-from .jacobian import embed, relative_error, self_check, text_config, tokenize
-from .parts import decoder_parts
-from .layers import _causal_basis, _check_result_fits, _has_biases, _Trace, _without_biases, sweep_chunk_size
-from .oplevel import Recording, detached
-from .validation import check_chunk_size, grad_enabled
+from lllm.errors import ArgumentError, LLLMError, ReplayError, UnsupportedModelError
+from lllm.analyses.generation import greedy_continuation, next_token_logits
+from lllm.kernel.jacobian import embed, relative_error, self_check, text_config, tokenize
+from lllm.kernel.parts import decoder_parts
+from lllm.kernel.layers import _causal_basis, _check_result_fits, _has_biases, _Trace, _without_biases, sweep_chunk_size
+from lllm.kernel.oplevel import Recording, detached
+from lllm.validation import check_chunk_size, grad_enabled
 
 DEFAULT_LAMS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.0)
 

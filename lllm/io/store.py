@@ -32,8 +32,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .errors import CacheError, OutputPathError
-from .jacobian import JacobianResult
+from lllm.errors import CacheError, OutputPathError
+from lllm.kernel.jacobian import JacobianResult
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def config_sha256(model: nn.Module) -> str:
 def model_identity(model: nn.Module) -> dict[str, Any]:
     """What identifies a model's weights: name, family, and the file sha256, else config and weights sha256.
 
-    Models loaded by lllm.models.load carry `lllm_source` (name, path, sha256, family); the file sha256
+    Models loaded by lllm.io.models.load carry `lllm_source` (name, path, sha256, family); the file sha256
     then identifies the weights. Any other model (a hub directory, a tiny test model) is identified by
     its class name, config hash and a hash of its weights, so two models with the same config but
     different weights never share cache entries.
@@ -248,7 +248,7 @@ def _write_entry(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[
     """Write an entry atomically and return its metadata; with `replace` off, another writer's entry wins."""
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
-        raise CacheError(f"result metadata lacks {missing}; build it with lllm.store.computation_fields()")
+        raise CacheError(f"result metadata lacks {missing}; build it with lllm.io.store.computation_fields()")
     if path.exists() and not (path.is_dir() and entry_files_only(path)):
         raise CacheError(f"{path} exists and is not a result entry; refusing to replace it")
     tensors = {name: _storable(name, t) for name, t in tensors.items()}
@@ -379,10 +379,10 @@ def record_to_result(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any
 
 
 def default_root() -> Path:
-    """lllm.models.cache_dir()/results, else $LLLM_CACHE_DIR/results, else ~/.cache/lllm/results."""
+    """lllm.io.models.cache_dir()/results, else $LLLM_CACHE_DIR/results, else ~/.cache/lllm/results."""
     try:
-        from .models import cache_dir
-    except ImportError:  # lllm.models absent or broken: the environment variable is the contract
+        from lllm.io.models import cache_dir
+    except ImportError:  # lllm.io.models absent or broken: the environment variable is the contract
         base = os.environ.get("LLLM_CACHE_DIR")
         return (Path(base).expanduser() if base else Path.home() / ".cache" / "lllm") / "results"
     return cache_dir() / "results"

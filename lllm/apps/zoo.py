@@ -143,13 +143,14 @@ def check_architecture(build: Callable[[torch.dtype], torch.nn.Module], ids: lis
     `build(dtype)` returns a fresh model. Raises what lllm raises (an LLLMError is a refusal).
     """
     import lllm
-    from lllm.oplevel import detached
+    from lllm.kernel.jacobian import embed
+    from lllm.kernel.oplevel import detached
 
     prompt = " ".join(map(str, ids))
     m32, m64 = build(torch.float32), build(torch.float64)
     r32 = lllm.detached_jacobian(m32, IdsTokenizer(), prompt, progress=False)  # refuses first, if it must
     r64 = lllm.detached_jacobian(m64, IdsTokenizer(), prompt, progress=False)
-    x = lllm.embed(m32, ids)
+    x = embed(m32, ids)
     with torch.no_grad():
         reference = m32(inputs_embeds=x[None].clone(), use_cache=False).logits
     with detached(m32):
@@ -174,7 +175,7 @@ def architecture_table(names: list[str], ids: list[int] = TEST_IDS):
     """The supported-architectures table (a DataFrame), one tiny model per name, computed now."""
     import pandas as pd
 
-    from .errors import LLLMError
+    from lllm.errors import LLLMError
 
     rows = []
     for name in names:

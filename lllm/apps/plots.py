@@ -30,11 +30,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .analysis import PromptAnalysis, cached_analyze
-from .errors import LLLMError
-from .jacobian import JacobianResult, detached_jacobian
-from .steering import SteeringResult, default_layer, lambda_sweep
-from .store import ResultCache, computation_fields, dtype_name, record_to_result, result_to_record
+from lllm.analyses.pipeline import PromptAnalysis, cached_analyze
+from lllm.errors import LLLMError
+from lllm.kernel.jacobian import JacobianResult, detached_jacobian
+from lllm.analyses.steering import SteeringResult, default_layer, lambda_sweep
+from lllm.io.store import ResultCache, computation_fields, dtype_name, record_to_result, result_to_record
 
 FIGURE_FORMATS = ("png", "svg")
 FAST_LAYER_STRIDE = 10  # the fast configuration analyzes every 10th layer and the last
@@ -81,7 +81,7 @@ def cached_lambda_sweep(
     model: nn.Module, tokenizer, concept: str, prompt: str, lams: Sequence[float], *, layer: int | None = None,
     n_tokens: int = 8,
 ) -> list[SteeringResult]:
-    """`lllm.steering.lambda_sweep` through the results cache: one SteeringResult per λ."""
+    """`lllm.analyses.steering.lambda_sweep` through the results cache: one SteeringResult per λ."""
     layer = default_layer(model) if layer is None else layer
     options = {"concept": concept, "lams": [float(lam) for lam in lams], "layer": layer, "n_tokens": n_tokens}
 

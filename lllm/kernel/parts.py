@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UnsupportedModelError
+from lllm.errors import UnsupportedModelError
 
 # Attribute names transformers' decoders use, tried in order: the final norm, and per layer the
 # attention and MLP submodules (GPT-2: ln_f/attn/mlp; Bloom: self_attention; GPT-NeoX: attention).

@@ -4,7 +4,7 @@ One call gives every number the figures and tables read for one (model, prompt):
 and its reconstruction (Fig 3), the ordinary Jacobian's reconstruction (Fig 3), per-token SVDs
 with decodings and row/column features (Fig 4, 5), cumulative and layer-wise Jacobians of every
 layer/attention/MLP output with their spectra, stable ranks, decoded top singular vectors and
-projections (Fig 6, Tables 1–3). Results go through the content-addressed cache (`lllm.store`),
+projections (Fig 6, Tables 1–3). Results go through the content-addressed cache (`lllm.io.store`),
 so notebooks and the book driver recompute nothing that is unchanged.
 """
 
@@ -21,15 +21,15 @@ import torch
 from torch import nn
 
 from . import decompose as dec
-from .jacobian import (
+from lllm.kernel.jacobian import (
     JacobianResult, detached_jacobian, embed, jvp_reconstruction, relative_error, text_config, tokenize,
 )
-from .generation import top_next_tokens
-from .layers import (
+from lllm.analyses.generation import top_next_tokens
+from lllm.kernel.layers import (
     COMPONENTS, METHODS, LayerJacobians, cumulative_jacobians, final_from_cumulative, layerwise_jacobians,
 )
-from .store import ResultCache, model_identity, record_to_result, result_to_record
-from .validation import check_choice, check_components, check_layers, check_prompt_text, writable_directory
+from lllm.io.store import ResultCache, model_identity, record_to_result, result_to_record
+from lllm.validation import check_choice, check_components, check_layers, check_prompt_text, writable_directory
 
 ANALYSIS_KIND = "analysis"
 # Part of the cache key: bumped when what an analysis holds changes (2: next tokens from the model's own logits).
@@ -172,7 +172,7 @@ def _layer_decodings(top_u: torch.Tensor, spectra: torch.Tensor, model, tokenize
 
 
 def analysis_to_record(analysis: PromptAnalysis, model: nn.Module, options: dict) -> tuple[dict, dict]:
-    """(tensors, meta) for lllm.store: the final J⁺ record plus every spectrum and vector."""
+    """(tensors, meta) for lllm.io.store: the final J⁺ record plus every spectrum and vector."""
     tensors, meta = result_to_record(analysis.final, model=model, prompt=analysis.meta["prompt"], options=options)
     tensors = dict(tensors)
     tensors["ordinary_reconstruction"] = analysis.ordinary_reconstruction
@@ -228,7 +228,7 @@ def write_summary(analysis: PromptAnalysis, path: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `lllm analyze`."""
-    from .commands import add_model_arguments
+    from lllm.apps.commands import add_model_arguments
 
     add_model_arguments(parser)
     parser.add_argument("--out", required=True, help="directory for tensors.safetensors, meta.json, summary.json")
@@ -250,9 +250,9 @@ def _is_summary(path: Path) -> bool:
 def run(args: argparse.Namespace) -> int:
     """Analyze one prompt, write everything to --out, and print the headline numbers."""
     from . import load
-    from .errors import OutputPathError
-    from .models import DTYPES, check_device
-    from .store import check_entry_target, save_result
+    from lllm.errors import OutputPathError
+    from lllm.io.models import DTYPES, check_device
+    from lllm.io.store import check_entry_target, save_result
 
     check_prompt_text(args.prompt)
     check_device(args.device)

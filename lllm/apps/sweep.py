@@ -63,18 +63,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import DTYPES
-from .decompose import decode_output, per_token_stable_rank, stable_rank, svd
-from .errors import OutputPathError, SweepError, SweepIncompleteError
-from .jacobian import check_fits, default_chunk_size, detached_jacobian, embed, tokenize
-from .generation import top_next_tokens
-from .layers import COMPONENTS, METHODS, cumulative_jacobians, final_from_cumulative
-from .store import fsync_dir
-from .validation import check_choice, check_components, check_int, writable_file
+from lllm.io.models import DTYPES
+from lllm.analyses.decompose import decode_output, per_token_stable_rank, stable_rank, svd
+from lllm.errors import OutputPathError, SweepError, SweepIncompleteError
+from lllm.kernel.jacobian import check_fits, default_chunk_size, detached_jacobian, embed, tokenize
+from lllm.analyses.generation import top_next_tokens
+from lllm.kernel.layers import COMPONENTS, METHODS, cumulative_jacobians, final_from_cumulative
+from lllm.io.store import fsync_dir
+from lllm.validation import check_choice, check_components, check_int, writable_file
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOADER = "lllm.models:load"
+DEFAULT_LOADER = "lllm.io.models:load"
 ENGINES = ("local", "dask")
 # The stable rank by depth in about a third of the faithful time (see the module docstring).
 FAST = {"layers": "every:3", "components": ("layer",), "method": "reverse"}
@@ -191,7 +191,7 @@ def _stable_ranks(matrices: torch.Tensor) -> list[float]:
     """Stable rank Σ S²/S²_max of every wide matrix of matrices: (L, d, n), n ≥ d.
 
     From the eigenvalues of the (d, d) Gram matrix J Jᵀ in float64 (S² = its eigenvalues): the same
-    quantity as lllm.decompose.stable_rank, about ten times faster than an SVD of a (576, 7·576) J.
+    quantity as lllm.analyses.decompose.stable_rank, about ten times faster than an SVD of a (576, 7·576) J.
     """
     ranks = []
     for matrix in matrices:

@@ -1,0 +1,1 @@
+"""Analyses built on the kernel: decompositions, the per-prompt pipeline, generation and steering."""

@@ -1,0 +1,1 @@
+"""Applications: the `lllm` command, the book driver, the prompt sweep and the figures the notebooks draw."""
