@@ -10,7 +10,6 @@ so notebooks and the book driver recompute nothing that is unchanged.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import decompose as dec
+from lllm.analyses import decompose as dec
 from lllm.kernel.jacobian import (
     JacobianResult, detached_jacobian, embed, jvp_reconstruction, relative_error, text_config, tokenize,
 )
@@ -29,7 +28,7 @@ from lllm.kernel.layers import (
     COMPONENTS, METHODS, LayerJacobians, cumulative_jacobians, final_from_cumulative, layerwise_jacobians,
 )
 from lllm.io.store import ResultCache, model_identity, record_to_result, result_to_record
-from lllm.validation import check_choice, check_components, check_layers, check_prompt_text, writable_directory
+from lllm.validation import check_choice, check_components, check_layers, check_prompt_text
 
 ANALYSIS_KIND = "analysis"
 # Part of the cache key: bumped when what an analysis holds changes (2: next tokens from the model's own logits).
@@ -219,70 +218,3 @@ def write_summary(analysis: PromptAnalysis, path: Path) -> None:
                "layerwise_stable_rank": analysis.stable_ranks("layerwise"),
                "projections": analysis.projections().tolist()}
     path.write_text(json.dumps(summary, indent=1, ensure_ascii=False))
-
-
-# ---------------------------------------------------------------------------------------------
-# `lllm analyze`
-# ---------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `lllm analyze`."""
-    from lllm.apps.commands import add_model_arguments
-
-    add_model_arguments(parser)
-    parser.add_argument("--out", required=True, help="directory for tensors.safetensors, meta.json, summary.json")
-    parser.add_argument("--layers", type=int, nargs="*", help="layer indices (default: all)")
-    parser.add_argument("--method", choices=("auto", "forward", "reverse"), default="auto")
-    parser.add_argument("--no-cache", action="store_true", help="recompute even if the results cache has it")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def _is_summary(path: Path) -> bool:
-    """Whether path is a summary.json that write_summary wrote (so that replacing it loses nothing)."""
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(summary, dict) and {"relative_error", "stable_rank", "token_ids"} <= summary.keys()
-
-
-def run(args: argparse.Namespace) -> int:
-    """Analyze one prompt, write everything to --out, and print the headline numbers."""
-    from . import load
-    from lllm.errors import OutputPathError
-    from lllm.io.models import DTYPES, check_device
-    from lllm.io.store import check_entry_target, save_result
-
-    check_prompt_text(args.prompt)
-    check_device(args.device)
-    out = writable_directory(args.out, "--out")  # before the model loads and the analysis runs
-    check_entry_target(out / "analysis", "--out")
-    summary = out / "analysis-summary.json"
-    if summary.exists() and not _is_summary(summary):
-        raise OutputPathError(f"{summary} exists and lllm did not write it; give another --out")
-    model, tokenizer = load(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    check_analysis_options(model, args.layers, COMPONENTS, args.method)
-    options = {"layers": args.layers, "method": args.method, "progress": not args.no_progress}
-    if args.no_cache:
-        options.pop("progress")
-        analysis = analyze(model, tokenizer, args.prompt, progress=not args.no_progress, **options)
-    else:
-        analysis = cached_analyze(model, tokenizer, args.prompt, **options)
-    save_result(out / "analysis", *analysis_to_record(analysis, model, {k: v for k, v in options.items()
-                                                                        if k != "progress"}))
-    write_summary(analysis, out.joinpath("analysis-summary.json"))
-    meta = analysis.meta
-    print(f"tokens        {meta['tokens']}")
-    print("next          " + "  ".join(f"{t['token']!r} {t['prob']:.3f}" for t in meta["next_tokens"]))
-    print(f"error         {meta['relative_error']:.3e} (detached)   {meta['ordinary_relative_error']:.3e} (ordinary)")
-    last = meta["token_decodings"][-1]
-    for entry in last:
-        v = entry.get("v") or entry["v_by_token"][-1]
-        print(f"σ{entry['index']} {entry['singular_value']:8.3f}  U {entry['u']['tokens'][:3]}  V {v['tokens'][:3]}")
-    ranks = analysis.stable_ranks("cumulative")
-    print("stable rank per layer (cumulative: layer / attn / mlp)")
-    for i, ell in enumerate(analysis.layers):
-        print(f"  {ell:3d} " + "  ".join(f"{ranks[c][i]:8.3f}" for c in ranks))
-    print(f"wrote         {out}")
-    return 0

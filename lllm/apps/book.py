@@ -36,11 +36,10 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from lllm.errors import BookBuildError, NotebookMetadataError, PromptError
-from lllm.io.models import DTYPES
+from lllm.defaults import DEFAULT_PROMPT, DTYPES
 from lllm.validation import check_int
 
 DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b")
-DEFAULT_PROMPT = "The bridge out of Marin is the"
 # The CI configuration: the smallest model and a two-token prompt; notebooks see fast=True.
 FAST_MODELS = ("smollm2-135m",)
 FAST_PROMPT = "The Golden"

@@ -8,14 +8,23 @@ import sys
 
 from lllm.errors import LLLMError
 
-# subcommand -> (module that implements it, help). Each module exposes add_arguments(parser) and run(args).
+# subcommand -> (where it is implemented, help). "module" exposes add_arguments(parser) and run(args);
+# "module:name" exposes add_<name>_arguments(parser) and run_<name>(args).
 SUBCOMMANDS = {
-    "jacobian": ("lllm.apps.commands", "detached Jacobian of one prompt: tokens, top next tokens, error, stable ranks"),
-    "analyze": ("lllm.analyses.pipeline", "everything for one prompt: final and layer-wise Jacobians, SVDs, decodings"),
+    "jacobian": ("lllm.apps.commands:jacobian", "detached Jacobian of one prompt: tokens, top next tokens, error, stable ranks"),
+    "analyze": ("lllm.apps.commands:analyze", "everything for one prompt: final and layer-wise Jacobians, SVDs, decodings"),
     "book": ("lllm.apps.book", "run every notebook for every model through papermill, then build the book"),
     "sweep": ("lllm.apps.sweep", "the per-prompt analysis over a prompt set, locally or on a Dask cluster"),
     "cache": ("lllm.apps.cache", "what lllm's cache holds and how large it is; clear it (everything in it is derived)"),
 }
+
+
+def _entry(target: str, function: str):
+    """The add_arguments or run function of a subcommand's target ("module" or "module:name")."""
+    module, _, name = target.partition(":")
+    if name:
+        function = f"add_{name}_arguments" if function == "add_arguments" else f"run_{name}"
+    return getattr(importlib.import_module(module), function)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,7 +41,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, (module, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         if command in (None, name):  # importing torch-heavy modules only for the command that runs
-            importlib.import_module(module).add_arguments(sub_parser)
+            _entry(module, "add_arguments")(sub_parser)
         sub_parser.set_defaults(_module=module)
     return parser
 
@@ -46,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # transformers' own bars (loading weights, writing shards) too
-        return int(importlib.import_module(args._module).run(args) or 0)
+        return int(_entry(args._module, "run")(args) or 0)
     except LLLMError as err:
         print(f"lllm: error: {_one_line(err)}", file=sys.stderr)
         return 2

@@ -63,7 +63,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lllm.io.models import DTYPES
+from lllm.defaults import DEFAULT_MODEL, DTYPES
 from lllm.analyses.decompose import decode_output, per_token_stable_rank, stable_rank, svd
 from lllm.errors import OutputPathError, SweepError, SweepIncompleteError
 from lllm.kernel.jacobian import check_fits, default_chunk_size, detached_jacobian, embed, tokenize
@@ -706,7 +706,7 @@ def summarize_sweep(df: pd.DataFrame) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `lllm sweep`."""
-    parser.add_argument("--model", default="smollm2-135m", help="embedded short name, hub id, local dir or GGUF")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded short name, hub id, local dir or GGUF")
     parser.add_argument("--prompts", metavar="FILE", help="one prompt a line, #-comments (default: the bundled set)")
     parser.add_argument("--out", required=True, help="result Parquet file; committed parts go to OUT.parts/")
     parser.add_argument("--engine", choices=ENGINES, default="local")

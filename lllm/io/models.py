@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lllm.defaults import DTYPES
 from lllm.errors import ArgumentError, ModelFileError, UnknownModelError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 }
 
 # The dtypes a model can be loaded in, by the names the CLI and the book accept.
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # A hub id is exactly owner/name; anything else that is not a path is a typo of a short name.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
