@@ -8,7 +8,7 @@ import transformers as T
 
 import lllm
 from lllm.errors import LinearizationError
-from lllm.kernel import oplevel
+from lllm.kernel import oplevel, optable
 from lllm.kernel.layers import COMPONENTS
 from lllm.kernel.oplevel import detached
 from tiny import (
@@ -242,14 +242,14 @@ def test_forward_hook_applying_tanh_to_a_layer_output_is_linearized():
 
 
 def test_removing_softmax_from_the_op_table_raises_at_the_modeling_line(monkeypatch):
-    monkeypatch.setattr(oplevel, "FREEZING", oplevel.FREEZING - {"softmax"})
+    monkeypatch.setattr(optable, "FREEZING", optable.FREEZING - {"softmax"})
     with pytest.raises(lllm.CoverageError, match=r"'softmax'.*self_attn.*modeling_llama\.py:\d+"):
         lllm.detached_jacobian(tiny_architecture("llama"), TOK, PROMPT, progress=False)
 
 
 def test_declaring_gelu_linear_is_caught_by_the_self_check(monkeypatch):
-    monkeypatch.setattr(oplevel, "ACTIVATIONS", oplevel.ACTIVATIONS - {"gelu"})
-    monkeypatch.setattr(oplevel, "PASS", oplevel.PASS | {"gelu"})
+    monkeypatch.setattr(optable, "ACTIVATIONS", optable.ACTIVATIONS - {"gelu"})
+    monkeypatch.setattr(optable, "PASS", optable.PASS | {"gelu"})
     with pytest.raises(LinearizationError, match="reconstructs it only"):
         lllm.detached_jacobian(tiny_architecture("gpt_neox"), TOK, PROMPT, progress=False)
 
