@@ -46,7 +46,9 @@ from lllm.errors import ArgumentError, LLLMError, ReplayError, UnsupportedModelE
 from lllm.analyses.generation import greedy_continuation, next_token_logits
 from lllm.kernel.jacobian import embed, relative_error, self_check, text_config, tokenize
 from lllm.kernel.parts import decoder_parts
-from lllm.kernel.layers import _causal_basis, _check_result_fits, _has_biases, _Trace, _without_biases, sweep_chunk_size
+from lllm.kernel.tracing import (
+    LayerTrace, causal_basis, check_result_fits, has_biases, sweep_chunk_size, without_biases,
+)
 from lllm.kernel.oplevel import Recording, detached
 from lllm.validation import check_chunk_size, grad_enabled
 
@@ -71,7 +73,7 @@ def _resolve_layer(model: nn.Module, layer: int | None) -> int:
 
 def _layer_output(model: nn.Module, layer: int, inputs_embeds: torch.Tensor) -> torch.Tensor:
     """f_L: (B, T, d), the output of decoder layer `layer` for inputs_embeds (B, T, d); later layers are skipped."""
-    with _Trace(decoder_parts(model), [layer], ("layer",), stop=True) as trace:
+    with LayerTrace(decoder_parts(model), [layer], ("layer",), stop=True) as trace:
         model.get_decoder()(inputs_embeds=inputs_embeds, use_cache=False)
     return trace.outputs[(layer, "layer")]
 
@@ -123,11 +125,11 @@ class SteeringOperator:
     def jacobian(self, chunk_size: int | None = None, progress: bool = False) -> torch.Tensor:
         """The materialized J⁺_L: (T_c, d_out, T_c, d_in), J[p, :, q, :] = ∂f_L[p] / ∂x_q (zero for q > p)."""
         n, d = self.inputs.shape
-        _check_result_fits(n, d, n, d, self.inputs.dtype, self.inputs.device)
+        check_result_fits(n, d, n, d, self.inputs.dtype, self.inputs.device)
         chunk_size = check_chunk_size(chunk_size) or sweep_chunk_size(self.model, n, self.inputs.dtype)
         jac = torch.zeros(n, d, n, d, dtype=self.inputs.dtype, device=self.inputs.device)
-        chunks = list(_causal_basis(n - 1, d, chunk_size, self.inputs.dtype, self.inputs.device))
-        with _without_biases(self.model):  # columns J⁺_L e directly, not (J⁺_L e + c_L) − c_L
+        chunks = list(causal_basis(n - 1, d, chunk_size, self.inputs.dtype, self.inputs.device))
+        with without_biases(self.model):  # columns J⁺_L e directly, not (J⁺_L e + c_L) − c_L
             for i, ks, basis in tqdm(chunks, desc="concept J⁺_L columns", disable=not progress, leave=False):
                 jac[i:, :, i, ks] = self._replay(basis, start=i).permute(1, 2, 0)  # (T_c - i, d, B)
         rebuilt = torch.einsum("potd,td->po", jac, self.inputs) + (0 if self.bias is None else self.bias)
@@ -151,7 +153,7 @@ def concept_operator(
         lin.check_linear(output, f"the output of layer {layer}")
         lin.finish_record([output])
         with lin.replay(), torch.no_grad():  # the affine map at x = 0: c_L, independently of the output
-            bias = _layer_output(model, layer, torch.zeros_like(x)[None])[0] if _has_biases(model) else None
+            bias = _layer_output(model, layer, torch.zeros_like(x)[None])[0] if has_biases(model) else None
         recording = lin.recorded()
     tokens = [tokenizer.decode([i]) for i in token_ids]
     operator = SteeringOperator(model=model, layer=layer, token_ids=token_ids, tokens=tokens, inputs=x,

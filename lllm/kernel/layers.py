@@ -24,10 +24,8 @@ constant c is the replayed network applied to a zero input, computed independent
 
 from __future__ import annotations
 
-import inspect
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,13 +34,16 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from lllm.errors import MemoryBudgetError, ReplayError, UnsupportedModelError
-from lllm.kernel.parts import SUBMODULE_NAMES, DecoderParts, decoder_parts
+from lllm.errors import ReplayError, UnsupportedModelError
+from lllm.kernel.parts import DecoderParts, decoder_parts
 from lllm.kernel.jacobian import (
-    JacobianResult, available_memory, embed, final_hidden, refusing_raw_errors, relative_error, reverse_jacobian,
+    JacobianResult, embed, final_hidden, refusing_raw_errors, relative_error, reverse_jacobian,
     self_check, text_config, tokenize,
 )
-from lllm.kernel.oplevel import additive_duals, additive_parameters, detached
+from lllm.kernel.oplevel import additive_duals, detached
+from lllm.kernel.tracing import (
+    LayerTrace, causal_basis, check_result_fits, component_module, has_biases, sweep_chunk_size, without_biases,
+)
 from lllm.validation import check_choice, check_chunk_size, check_components, check_layers, check_position, grad_enabled
 
 COMPONENTS = ("layer", "attn", "mlp")
@@ -82,134 +83,6 @@ class LayerJacobians:
         """The token-combined (d_out, T·d_in) matrix of one layer (by layer number)."""
         jac = self.jacobian[component][self.layers.index(layer)]
         return jac.reshape(jac.shape[0], -1)
-
-
-class _Trace:
-    """Forward hooks that capture each layer's input (and call kwargs) and its component outputs."""
-
-    class Stop(Exception):
-        """Raised after the deepest needed layer, so that no later layer is computed."""
-
-    def __init__(self, parts: DecoderParts, layers: Iterable[int], components: Sequence[str], stop: bool):
-        self.parts = parts
-        self.layers, self.components = sorted(set(layers)), tuple(components)
-        self.layer_inputs: dict[int, tuple[torch.Tensor, dict]] = {}
-        self.outputs: dict[tuple[int, str], torch.Tensor] = {}  # (ℓ, component) -> (B, T, d)
-        self.stop_at = self.layers[-1] if stop else None
-        self._handles: list = []
-
-    def __enter__(self) -> _Trace:
-        for ell in self.layers:
-            layer = self.parts.layers[ell]
-            self._handles.append(layer.register_forward_pre_hook(self._save_input(ell), with_kwargs=True))
-            for comp in self.components:
-                module = _component(self.parts, layer, comp)
-                self._handles.append(module.register_forward_hook(self._save_output(ell, comp)))
-        if self.stop_at is not None:  # registered last, so it runs after the layer's own capture
-            self._handles.append(self.parts.layers[self.stop_at].register_forward_hook(self._stop))
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        for handle in self._handles:
-            handle.remove()
-        return exc_type is _Trace.Stop  # swallow the early stop, re-raise anything else
-
-    def _save_input(self, ell: int):
-        def hook(module, args, kwargs):
-            # every argument by name (GPT-2's blocks take the mask positionally), the first being the hidden states
-            bound = dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
-            extra = bound.pop(next(iter(inspect.signature(module.forward).parameters)))
-            bound.update(bound.pop("kwargs", {}))  # a **kwargs parameter arrives as one dict
-            self.layer_inputs[ell] = (extra, bound)
-
-        return hook
-
-    def _save_output(self, ell: int, comp: str):
-        def hook(module, args, output):
-            self.outputs[(ell, comp)] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
-    @staticmethod
-    def _stop(module, args, output):
-        raise _Trace.Stop
-
-
-def _component(parts: DecoderParts, layer: nn.Module, comp: str) -> nn.Module:
-    """The module whose output is `comp` of this layer: the layer itself, its attention, or its MLP."""
-    if comp == "layer":
-        return layer
-    if comp not in parts.submodules:
-        raise UnsupportedModelError(f"{type(layer).__name__} has no {comp!r} submodule lllm can name (tried "
-                                    f"{', '.join(SUBMODULE_NAMES[comp])}); ask for components=['layer'] only")
-    return getattr(layer, parts.submodules[comp])
-
-
-def _has_biases(model: nn.Module) -> bool:
-    """True when the model has additive parameters (biases, position tables): its maps are affine."""
-    return bool(additive_parameters(model))
-
-
-@contextmanager
-def _without_biases(model: nn.Module) -> Iterator[None]:
-    """Every additive parameter (biases, position tables) set to zero, restored bit-for-bit on exit.
-
-    Under replay the frozen factors do not depend on the input, so the network is then exactly
-    x ↦ J⁺x: basis tangents give the columns J⁺eₖ directly. Computing them as (J⁺eₖ + c) − c
-    instead loses all precision when c ≫ J⁺eₖ (Qwen2.5's v biases: 4e-4 in float32).
-    """
-    saved = [(p, p.detach().clone()) for p in (getattr(m, attr) for m, attr, _ in additive_parameters(model))]
-    try:
-        with torch.no_grad():
-            for p, _ in saved:
-                p.zero_()
-        yield
-    finally:
-        with torch.no_grad():
-            for p, value in saved:
-                p.copy_(value)
-
-
-def _check_result_fits(n: int, d_out: int, n_tokens: int, d_in: int, dtype: torch.dtype,
-                       device: torch.device | str = "cpu") -> None:
-    """Refuse a set of layer Jacobians that would not fit in the memory of `device`."""
-    need = n * d_out * n_tokens * d_in * (torch.finfo(dtype).bits // 8)
-    available = available_memory(device)
-    if need > 0.6 * available:
-        raise MemoryBudgetError(
-            f"{n} layer Jacobians of {n_tokens} tokens need {need / 2**30:.1f} GiB, more than the "
-            f"{available / 2**30:.1f} GiB available: pass fewer `layers`/`components` or a shorter prompt"
-        )
-
-
-def _causal_basis(position: int, d_in: int, chunk_size: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
-    """Yield (i, ks, E): basis vectors e_(i,k), k in ks, on the tokens i…position only, E (B, position-i+1, d).
-
-    Causal attention carries nothing backwards, so a tangent at token i is zero before i and tokens
-    after `position` never reach it: the sweep runs Σᵢ (position-i+1) tokens instead of T² per d.
-    """
-    for i in range(position + 1):
-        for k0 in range(0, d_in, chunk_size):
-            ks = torch.arange(k0, min(k0 + chunk_size, d_in), device=device)
-            basis = torch.zeros(len(ks), position - i + 1, d_in, dtype=dtype, device=device)
-            basis[torch.arange(len(ks), device=device), 0, ks] = 1.0
-            yield i, ks, basis
-
-
-def sweep_chunk_size(model: nn.Module, n_tokens: int, dtype: torch.dtype, budget: int | None = None) -> int:
-    """Basis vectors per replayed pass of a forward sweep: all d of a token where they fit in `budget` bytes
-    (default: an eighth of the free memory, at most 2 GiB), else as many as fit.
-
-    Fewer, larger passes pay the op-level interceptor's per-op cost fewer times: on SmolLM2 at T = 7 the
-    cumulative sweep took 31.0 s with all 576 vectors per pass against 33.0 s with 256 (benchmarks/OPLEVEL.md).
-    A pass holds about B × T × (4d + 3·intermediate) numbers at once (the MLP's are the largest).
-    """
-    cfg = text_config(model)
-    d = cfg.hidden_size
-    intermediate = getattr(cfg, "intermediate_size", None) or 4 * d
-    per_vector = n_tokens * (4 * d + 3 * intermediate) * (torch.finfo(dtype).bits // 8)
-    budget = min(available_memory(model.device) // 8, 2**31) if budget is None else budget
-    return max(1, min(d, budget // per_vector))
 
 
 def _forward_token_layers(position: int, depth: int) -> int:
@@ -257,7 +130,7 @@ def cumulative_jacobians(
     x0 = embed(model, token_ids)  # (T, d)
     d = x0.shape[-1]
     T, keys = len(token_ids), [(ell, c) for ell in layers for c in components]
-    _check_result_fits(len(keys), d, T, d, x0.dtype, x0.device)
+    check_result_fits(len(keys), d, T, d, x0.dtype, x0.device)
     depth = layers[-1] + 1
     # forward: T·d basis tangents through `depth` layers; reverse: d rows back through T tokens and ℓ+1 layers each
     chosen = _choose(method, d * _forward_token_layers(position, depth), sum(d * T * (ell + 1) for ell, _ in keys))
@@ -293,7 +166,7 @@ def layerwise_jacobians(
     x0 = embed(model, token_ids)
     d = x0.shape[-1]
     T, keys = len(token_ids), [(ell, c) for ell in layers for c in components]
-    _check_result_fits(len(keys), d, T, d, x0.dtype, x0.device)
+    check_result_fits(len(keys), d, T, d, x0.dtype, x0.device)
     chosen = _choose(method, d * T * T, d * T * len(components))  # its basis sweep runs every token (no window)
     run = lambda how: _layerwise(model, tokenizer, token_ids, x0, layers, components, position,  # noqa: E731
                                     mlp_split, how, chunk_size, progress)
@@ -313,7 +186,7 @@ class _LayerRun(nn.Module):
     def forward(self, hidden: torch.Tensor, position: int) -> dict[str, torch.Tensor]:
         captured = {}
         handles = [
-            _component(self.parts, self.layer, c).register_forward_hook(
+            component_module(self.parts, self.layer, c).register_forward_hook(
                 lambda m, a, out, c=c: captured.__setitem__(c, out[0] if isinstance(out, tuple) else out)
             )
             for c in self.components if c != "layer"
@@ -341,7 +214,7 @@ class _Readouts(nn.Module):
         self.position, self.through_norm = position, through_norm
 
     def forward(self, inputs_embeds: torch.Tensor) -> dict[tuple[int, str], torch.Tensor]:
-        with _Trace(self.parts, self.layers, self.components, stop=True) as trace:
+        with LayerTrace(self.parts, self.layers, self.components, stop=True) as trace:
             self.decoder(inputs_embeds=inputs_embeds, use_cache=False)
         vecs = {k: trace.outputs[k][:, self.position] for k in trace.outputs}
         return {k: self.parts.norm(v) if self.through_norm else v for k, v in vecs.items()}
@@ -384,10 +257,10 @@ def _cumulative(model, tokenizer, token_ids, x0, layers, components, position, t
         else:
             lin.finish_record(list(outs.values()))
             with lin.replay(), torch.no_grad():  # the affine map at x = 0: c, independently of y
-                bias = {k: v[0] for k, v in readouts(torch.zeros_like(x0)[None]).items()} if _has_biases(model) else None
+                bias = {k: v[0] for k, v in readouts(torch.zeros_like(x0)[None]).items()} if has_biases(model) else None
             cut = _Readouts(parts, layers, components, -1, through_norm)
-            chunks = list(_causal_basis(position, d_in, chunk_size, x0.dtype, x0.device))
-            with torch.no_grad(), _without_biases(model):
+            chunks = list(causal_basis(position, d_in, chunk_size, x0.dtype, x0.device))
+            with torch.no_grad(), without_biases(model):
                 for i, ks, basis in tqdm(chunks, desc="cumulative J⁺ (forward)", disable=not progress, leave=False):
                     with lin.replay(i, position + 1):
                         columns = cut(basis)
@@ -451,7 +324,7 @@ def _layerwise(model, tokenizer, token_ids, x0, layers, components, position, ml
     targets, bias, layer_inputs, jac, stacked = {}, {}, [], {}, None
     with detached(model, mlp_split=mlp_split) as lin:
         x = x0.clone().requires_grad_(True)  # recorded with grad: an x-dependent tensor the mode missed is refused
-        with lin.recording(), torch.enable_grad(), _Trace(parts, layers, components, stop=True) as trace:
+        with lin.recording(), torch.enable_grad(), LayerTrace(parts, layers, components, stop=True) as trace:
             parts.decoder(inputs_embeds=x[None].clone(), use_cache=False)
         method = _sweep_allowed(lin, method)
         lin.finish_record([trace.outputs[k] for k in keys])
@@ -480,9 +353,9 @@ def _layerwise(model, tokenizer, token_ids, x0, layers, components, position, ml
             with lin.replay(), torch.no_grad():
                 c = run(zero, position)
             for comp in components:
-                bias[(ell, comp)] = c[comp][0] if _has_biases(model) else None
-            with torch.no_grad(), _without_biases(model):
-                for i, ks, basis in _causal_basis(position, d_in, chunk_size, x0.dtype, x0.device):
+                bias[(ell, comp)] = c[comp][0] if has_biases(model) else None
+            with torch.no_grad(), without_biases(model):
+                for i, ks, basis in causal_basis(position, d_in, chunk_size, x0.dtype, x0.device):
                     padded = torch.cat([basis.new_zeros(basis.shape[0], i, d_in), basis,
                                         basis.new_zeros(basis.shape[0], n_tokens - position - 1, d_in)], 1)
                     lin.mark_live(padded)
