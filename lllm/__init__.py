@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _PUBLIC = {
     "load": "lllm.io.models",
-    "list_embedded": "lllm.io.models",
+    "list_embedded": "lllm.io.embedded",
     "save_result": "lllm.io.store",
     "load_result": "lllm.io.store",
     "detached": "lllm.kernel.oplevel",
@@ -76,7 +76,8 @@ if TYPE_CHECKING:  # for type checkers and editors; never executed
     from lllm.analyses.pipeline import PromptAnalysis, analyze
     from lllm.analyses.steering import concept_operator, steer
     from lllm.errors import CoverageError, LLLMError, UnsupportedModelError
-    from lllm.io.models import list_embedded, load
+    from lllm.io.embedded import list_embedded
+    from lllm.io.models import load
     from lllm.io.store import load_result, save_result
     from lllm.kernel.jacobian import (
         JacobianResult, detached_jacobian, jvp_reconstruction, ordinary_jacobian, relative_error,

@@ -27,7 +27,8 @@ from lllm.analyses.generation import top_next_tokens
 from lllm.kernel.layers import (
     COMPONENTS, METHODS, LayerJacobians, cumulative_jacobians, final_from_cumulative, layerwise_jacobians,
 )
-from lllm.io.store import ResultCache, model_identity, record_to_result, result_to_record
+from lllm.io.codecs import model_identity, record_to_result, result_to_record
+from lllm.io.store import ResultCache
 from lllm.validation import check_choice, check_components, check_layers, check_prompt_text
 
 ANALYSIS_KIND = "analysis"

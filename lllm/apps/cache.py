@@ -13,7 +13,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from lllm.io.models import EMBEDDED_MODELS, cache_dir, remove_dead_temporaries
+from lllm.io.embedded import EMBEDDED_MODELS, cache_dir
+from lllm.io.files import remove_dead_temporaries
 
 # section -> what it holds; each is a directory under the cache root.
 SECTIONS = {

@@ -36,7 +36,8 @@ def run_jacobian(args: argparse.Namespace) -> int:
     from lllm.analyses.generation import top_next_tokens
     from lllm.kernel.jacobian import detached_jacobian
     from lllm.io.models import check_device
-    from lllm.io.store import check_entry_target, result_to_record, save_result
+    from lllm.io.codecs import result_to_record
+    from lllm.io.store import check_entry_target, save_result
     from lllm.validation import check_chunk_size, check_int, check_prompt_text, writable_directory
 
     check_chunk_size(args.chunk_size)

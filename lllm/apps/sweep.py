@@ -69,7 +69,7 @@ from lllm.errors import OutputPathError, SweepError, SweepIncompleteError
 from lllm.kernel.jacobian import check_fits, default_chunk_size, detached_jacobian, embed, tokenize
 from lllm.analyses.generation import top_next_tokens
 from lllm.kernel.layers import COMPONENTS, METHODS, cumulative_jacobians, final_from_cumulative
-from lllm.io.store import fsync_dir
+from lllm.io.files import replace_durably, write_bytes_atomically
 from lllm.validation import check_choice, check_components, check_int, writable_file
 
 log = logging.getLogger(__name__)
@@ -372,7 +372,7 @@ class PartStore:
                 raise SweepError(f"{self.dir} holds rows of another sweep (stored vs requested: {diff}); "
                                  f"use another --out, or delete {self.dir} to start over")
         else:
-            _atomic_write_bytes(manifest, json.dumps(config.manifest(), indent=1).encode())
+            write_bytes_atomically(manifest, json.dumps(config.manifest(), indent=1).encode())
         for stale in self.dir.glob(".*.tmp"):
             stale.unlink()
 
@@ -396,7 +396,7 @@ class PartStore:
         path = self.dir / f"part-{run_id}-{number:06d}.parquet"
         tmp = self.dir / f".{path.name}.tmp"
         pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
-        _fsync_and_replace(tmp, path)
+        replace_durably(tmp, path)
         return path
 
     def log_run(self, record: dict[str, Any]) -> None:
@@ -410,20 +410,6 @@ class PartStore:
         """The records of every finished run, oldest first."""
         path = self.dir / self.RUNS
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _fsync_and_replace(tmp: Path, path: Path) -> None:
-    """Flush tmp to disk, then rename it over path (atomic on POSIX) and make the new name durable."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(data)
-    _fsync_and_replace(tmp, path)
 
 
 def _assemble(store: PartStore, prompts: list[str]) -> pa.Table:
@@ -569,7 +555,7 @@ def run_sweep(
             table = _assemble(store, prompt_list)
             tmp = store.dir / f".{store.out.name}.{run_id}.tmp"  # in the parts: a killed run's is cleaned
             pq.write_table(table, tmp)
-            _fsync_and_replace(tmp, store.out)
+            replace_durably(tmp, store.out)
         store.log_run({
             "run_id": run_id, "engine": engine, "workers": workers if engine == "dask" else 1, "threads": threads,
             "batch_size": batch_size, "requested": len(prompt_list), "already_done": len(prompt_list) - len(todo),

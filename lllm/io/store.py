@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
-import importlib.metadata
 import json
 import logging
 import os
-import platform
 import re
 import shutil
 import time
 import uuid
-import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,10 +26,10 @@ from typing import Any
 import safetensors
 import safetensors.torch
 import torch
-from torch import nn
 
 from lllm.errors import CacheError, OutputPathError
-from lllm.kernel.jacobian import JacobianResult
+from lllm.io.codecs import as_json_native, canonical_json, dtype_name, sha256_text, versions
+from lllm.io.files import fsync_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +38,6 @@ META_FILE = "meta.json"
 FORMAT = "lllm-result/1"
 # Fields that every entry's metadata records (None where they do not apply, e.g. prompt for raw ids).
 REQUIRED_META = ("model", "prompt", "token_ids", "dtype", "options")
-# Config fields that say where or how a model was loaded, not what it computes.
-_CONFIG_FIELDS_NOT_IDENTITY = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "lllm_name")
 # A temporary entry this old belongs to a writer that died; younger ones may still be being written.
 STALE_TEMPORARY_SECONDS = 3600.0
 _KIND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -52,152 +46,10 @@ _KIND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # ----------------------------------------------------------------------------- canonical JSON
 
 
-def _json_default(value: Any) -> Any:
-    """JSON form of the few non-JSON types that appear in options and metadata."""
-    if isinstance(value, torch.dtype):
-        return dtype_name(value)
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
-
-
-def canonical_json(value: Any) -> str:
-    """The one JSON text of `value`: sorted keys, no spaces, ASCII; used for keys and digests."""
-    try:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), default=_json_default)
-    except (TypeError, ValueError) as exc:
-        raise CacheError(f"cannot store {value!r:.200}: {exc}; use str, numbers, lists and dicts") from exc
-
-
-def _as_json_native(value: Any) -> Any:
-    """`value` as it reads back from JSON (tuples become lists, dtypes strings), so digests agree."""
-    return json.loads(canonical_json(value))
-
-
-def _sha256_text(text: str) -> str:
-    """Hex sha256 of UTF-8 text."""
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in blocks."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def dtype_name(dtype: torch.dtype | str) -> str:
-    """'float32' for torch.float32 or 'torch.float32' or 'float32'."""
-    return str(dtype).removeprefix("torch.")
-
-
 # ----------------------------------------------------------------------------- model identity
-
-# model -> (fingerprint of parameter storages and versions, weights sha256): hashing weights is
-# costly for real models, and a module's weights only change through in-place ops, which bump _version.
-_WEIGHTS_SHA_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def weights_sha256(model: nn.Module) -> str:
-    """Hex sha256 over the names, dtypes, shapes and bytes of every tensor in the state dict."""
-    state = model.state_dict()
-    fingerprint = tuple((name, t.data_ptr(), t._version) for name, t in state.items())
-    memo = _WEIGHTS_SHA_MEMO.get(model)
-    if memo is not None and memo[0] == fingerprint:
-        return memo[1]
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{dtype_name(t.dtype)}:{tuple(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # hashed in place, not copied
-    _WEIGHTS_SHA_MEMO[model] = (fingerprint, digest.hexdigest())
-    return digest.hexdigest()
-
-
-def config_sha256(model: nn.Module) -> str:
-    """Hex sha256 of the model's config, without the fields that only say where it was loaded from."""
-    config = json.loads(model.config.to_json_string(use_diff=False))
-    for name in _CONFIG_FIELDS_NOT_IDENTITY:
-        config.pop(name, None)
-    return _sha256_text(canonical_json(config))
-
-
-def model_identity(model: nn.Module) -> dict[str, Any]:
-    """What identifies a model's weights: name, family, and the file sha256, else config and weights sha256.
-
-    Models loaded by lllm.io.models.load carry `lllm_source` (name, path, sha256, family); the file sha256
-    then identifies the weights. Any other model (a hub directory, a tiny test model) is identified by
-    its class name, config hash and a hash of its weights, so two models with the same config but
-    different weights never share cache entries.
-    """
-    source = getattr(model, "lllm_source", None)
-    if isinstance(source, Mapping):
-        identity = {"name": source.get("name"), "family": source.get("family"), "sha256": source.get("sha256")}
-        if identity["sha256"] is None:
-            identity.update(config_sha256=config_sha256(model), weights_sha256=weights_sha256(model))
-        return identity
-    return {
-        "name": type(model).__name__,
-        "family": getattr(model.config, "model_type", None),
-        "config_sha256": config_sha256(model),
-        "weights_sha256": weights_sha256(model),
-    }
-
-
-def computation_fields(
-    model: nn.Module | None,
-    prompt_or_ids: str | Sequence[int] | torch.Tensor | None = None,
-    *,
-    token_ids: Sequence[int] | None = None,
-    dtype: torch.dtype | str | None = None,
-    options: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The fields that say what was computed: model identity, prompt, token ids, dtype, options.
-
-    Used both as cache key fields and as result metadata. Ids passed as the prompt go to token_ids.
-    dtype defaults to the model's parameter dtype.
-    """
-    prompt = prompt_or_ids if isinstance(prompt_or_ids, str) else None
-    if prompt_or_ids is not None and prompt is None:
-        token_ids = torch.as_tensor(prompt_or_ids).reshape(-1).tolist()
-    if dtype is None and model is not None:
-        dtype = next(model.parameters()).dtype
-    return {
-        "model": None if model is None else model_identity(model),
-        "prompt": prompt,
-        "token_ids": None if token_ids is None else [int(i) for i in token_ids],
-        "dtype": None if dtype is None else dtype_name(dtype),
-        "options": dict(options or {}),
-    }
-
-
-def versions() -> dict[str, str | None]:
-    """Versions of lllm, torch, transformers, safetensors and Python that produced a result."""
-    import lllm  # late: lllm/__init__ may import this module before it defines __version__
-
-    def installed(package: str) -> str | None:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "lllm": lllm.__version__, "torch": torch.__version__, "transformers": installed("transformers"),
-        "safetensors": safetensors.__version__, "python": platform.python_version(),
-    }
 
 
 # ----------------------------------------------------------------------------- atomic entries
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (new names, renames) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _storable(name: Any, tensor: Any) -> torch.Tensor:
@@ -248,7 +100,7 @@ def _write_entry(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[
     """Write an entry atomically and return its metadata; with `replace` off, another writer's entry wins."""
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
-        raise CacheError(f"result metadata lacks {missing}; build it with lllm.io.store.computation_fields()")
+        raise CacheError(f"result metadata lacks {missing}; build it with lllm.io.codecs.computation_fields()")
     if path.exists() and not (path.is_dir() and entry_files_only(path)):
         raise CacheError(f"{path} exists and is not a result entry; refusing to replace it")
     tensors = {name: _storable(name, t) for name, t in tensors.items()}
@@ -256,15 +108,15 @@ def _write_entry(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")  # hidden, and unique per writer
     tmp.mkdir()
     try:
-        stored = _as_json_native(meta)
+        stored = as_json_native(meta)
         stored.update(
             format=FORMAT, versions=versions(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             tensors={name: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)} for name, t in tensors.items()},
         )
         # The header carries the metadata's digest and meta.json the file's: each file vouches for the other.
-        header = {"meta_sha256": _sha256_text(canonical_json(stored))}
+        header = {"meta_sha256": sha256_text(canonical_json(stored))}
         safetensors.torch.save_file(tensors, tmp / TENSORS_FILE, metadata=header)
-        stored["tensors_sha256"] = _sha256_file(tmp / TENSORS_FILE)
+        stored["tensors_sha256"] = sha256_file(tmp / TENSORS_FILE)
         with open(tmp / META_FILE, "w", encoding="ascii") as f:
             json.dump(stored, f, indent=1, sort_keys=True)
             f.flush()
@@ -316,7 +168,7 @@ def load_result(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
         raise CacheError(f"{path / META_FILE} is not {FORMAT} metadata: the entry is corrupt")
     tensors_file = path / TENSORS_FILE
     try:
-        sha = _sha256_file(tensors_file)
+        sha = sha256_file(tensors_file)
     except FileNotFoundError as exc:
         raise CacheError(f"{path} has no {TENSORS_FILE}: the entry is incomplete") from exc
     if sha != meta["tensors_sha256"]:
@@ -328,51 +180,12 @@ def load_result(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
     except Exception as exc:  # safetensors raises its own error types, and OSError / ValueError
         raise CacheError(f"{tensors_file} cannot be parsed as safetensors ({exc}): corrupt") from exc
     body = {k: v for k, v in meta.items() if k != "tensors_sha256"}
-    if header.get("meta_sha256") != _sha256_text(canonical_json(body)):
+    if header.get("meta_sha256") != sha256_text(canonical_json(body)):
         raise CacheError(f"{path / META_FILE} does not match the digest recorded with its tensors: corrupt")
     return tensors, meta
 
 
 # ----------------------------------------------------------------------------- JacobianResult records
-
-_JACOBIAN_TENSORS = ("jacobian", "inputs", "output")
-
-
-def result_to_record(
-    result: JacobianResult,
-    model: nn.Module | None = None,
-    prompt: str | Sequence[int] | None = None,
-    options: Mapping[str, Any] | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, meta) of a JacobianResult: J (d_out, T, d_in), x (T, d_in), y (d_out,), c (d_out,) if any."""
-    tensors = {name: getattr(result, name) for name in _JACOBIAN_TENSORS}
-    if result.bias is not None:
-        tensors["bias"] = result.bias
-    meta = computation_fields(model, prompt, token_ids=result.token_ids, dtype=result.jacobian.dtype, options=options)
-    meta["token_ids"] = list(result.token_ids)  # what was actually computed, even if a prompt was given
-    meta["tokens"] = list(result.tokens)
-    meta["jacobian"] = {
-        "detached": result.detached, "position": result.position, "mlp_split": result.mlp_split,
-        "seconds": result.seconds, "has_bias": result.bias is not None, "meta": _as_json_native(result.meta),
-        "relative_error": result.relative_error,  # for readers of meta.json; recomputable from the tensors
-    }
-    return tensors, meta
-
-
-def record_to_result(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> JacobianResult:
-    """The JacobianResult that result_to_record stored (bias None when it had none)."""
-    fields = meta.get("jacobian")
-    missing = [n for n in _JACOBIAN_TENSORS if n not in tensors]
-    if not isinstance(fields, Mapping) or missing or "tokens" not in meta or meta.get("token_ids") is None:
-        raise CacheError(f"not a JacobianResult record (tensors {sorted(tensors)}, meta keys {sorted(meta)})")
-    if fields["has_bias"] != ("bias" in tensors):
-        raise CacheError(f"the record says has_bias={fields['has_bias']} but its tensors are {sorted(tensors)}")
-    return JacobianResult(
-        jacobian=tensors["jacobian"], inputs=tensors["inputs"], output=tensors["output"], bias=tensors.get("bias"),
-        token_ids=list(meta["token_ids"]), tokens=list(meta["tokens"]), detached=fields["detached"],
-        position=fields["position"], mlp_split=fields["mlp_split"], seconds=fields["seconds"],
-        meta=dict(fields["meta"]),
-    )
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -381,7 +194,7 @@ def record_to_result(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any
 def default_root() -> Path:
     """lllm.io.models.cache_dir()/results, else $LLLM_CACHE_DIR/results, else ~/.cache/lllm/results."""
     try:
-        from lllm.io.models import cache_dir
+        from lllm.io.embedded import cache_dir
     except ImportError:  # lllm.io.models absent or broken: the environment variable is the contract
         base = os.environ.get("LLLM_CACHE_DIR")
         return (Path(base).expanduser() if base else Path.home() / ".cache" / "lllm") / "results"
@@ -414,7 +227,7 @@ class ResultCache:
         """Hex sha256 of the canonical JSON of (kind, key fields, lllm version)."""
         import lllm  # late, as in versions()
 
-        return _sha256_text(canonical_json({"kind": kind, "fields": key_fields, "lllm": lllm.__version__}))
+        return sha256_text(canonical_json({"kind": kind, "fields": key_fields, "lllm": lllm.__version__}))
 
     def path(self, kind: str, key: str) -> Path:
         """The entry directory of a key."""
@@ -453,7 +266,7 @@ class ResultCache:
         tensors, meta = compute()
         # The key fields say what was computed; compute()'s meta fills what they leave None (token ids).
         meta = dict(meta)
-        for name, value in _as_json_native(key_fields).items():
+        for name, value in as_json_native(key_fields).items():
             if value is not None or name not in meta:
                 meta[name] = value
         meta["cache"] = {"kind": kind, "key": key}
@@ -464,5 +277,5 @@ class ResultCache:
         except OSError as exc:  # a read-only or full cache costs the reuse, not the finished result
             log.warning("the results cache %s cannot be written (%s); the result is returned but not cached",
                         self.root, exc)
-            return dict(tensors), _as_json_native(meta), False
+            return dict(tensors), as_json_native(meta), False
         return dict(tensors), stored, False
