@@ -21,7 +21,8 @@ from torch import nn
 
 from lllm.analyses import decompose as dec
 from lllm.kernel.jacobian import (
-    JacobianResult, detached_jacobian, embed, jvp_reconstruction, relative_error, text_config, tokenize,
+    JacobianResult, check_fits, default_chunk_size, detached_jacobian, embed, jvp_reconstruction, relative_error,
+    text_config, tokenize,
 )
 from lllm.analyses.generation import top_next_tokens
 from lllm.kernel.layers import (
@@ -29,11 +30,12 @@ from lllm.kernel.layers import (
 )
 from lllm.io.codecs import model_identity, record_to_result, result_to_record
 from lllm.io.store import ResultCache
-from lllm.validation import check_choice, check_components, check_layers, check_prompt_text
+from lllm.validation import check_choice, check_components, check_layers
 
 ANALYSIS_KIND = "analysis"
-# Part of the cache key: bumped when what an analysis holds changes (2: next tokens from the model's own logits).
-ANALYSIS_FORMAT = 2
+# Part of the cache key: bumped when what an analysis holds changes (2: next tokens from the model's own logits;
+# 3: stable ranks from ‖J‖²_F and σ_max, stored in meta).
+ANALYSIS_FORMAT = 3
 
 
 @dataclass
@@ -53,9 +55,8 @@ class PromptAnalysis:
         return self.meta["layers"]
 
     def stable_ranks(self, kind: str = "cumulative") -> dict[str, list[float]]:
-        """component -> stable rank per layer, of the cumulative or layer-wise transforms."""
-        spectra = self.layer_spectra if kind == "cumulative" else self.layerwise_spectra
-        return {c: [dec.stable_rank(s) for s in spectra[c]] for c in spectra}
+        """component -> stable rank per layer, of the cumulative or layer-wise transforms (`layer_stable_ranks`)."""
+        return self.meta["stable_ranks"][kind]
 
     def projections(self, k: int = 2) -> torch.Tensor:
         """(L, k, k): each layer's top-k left singular vectors projected on the last layer's (Fig 6B)."""
@@ -93,9 +94,7 @@ def analyze(
     timings["layer_jacobians"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    # With the last layer in the run, the final J⁺ is its cumulative Jacobian through the final norm: not recomputed.
-    final = final_from_cumulative(model, cumulative) or detached_jacobian(model, tokenizer, token_ids,
-                                                                          progress=progress)
+    final, _ = final_jacobian(model, tokenizer, token_ids, cumulative, progress=progress)
     timings["final_jacobian"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -124,7 +123,9 @@ def analyze(
         "relative_error": final.relative_error,
         "ordinary_relative_error": relative_error(final.output, ordinary),
         "bias_fraction": None if final.bias is None else float(final.bias.norm() / final.output.norm()),
-        "token_stable_rank": [dec.stable_rank(s) for s in svds],
+        "token_stable_rank": dec.per_token_stable_rank(final).tolist(),
+        "stable_ranks": {kind: {c: layer_stable_ranks(lj, c) for c in components}
+                         for kind, lj in (("cumulative", cumulative), ("layerwise", layerwise))},
         "token_decodings": [dec.decode_svd(s, model, tokenizer, k_vectors, k_tokens) for s in svds],
         "row_col_features": _features(final.block(last), model, tokenizer, k_tokens),
         "layer_errors": {f"{kind}.{c}": lj.relative_errors(c) for kind, lj in
@@ -139,6 +140,81 @@ def analyze(
         final=final, ordinary_reconstruction=ordinary, token_spectra=torch.stack([s.S for s in svds]),
         layer_spectra=layer_spectra, layer_top_u=layer_top_u, layerwise_spectra=layerwise_spectra, meta=meta,
     )
+
+
+def final_jacobian(model: nn.Module, tokenizer, token_ids: list[int], cumulative: LayerJacobians | None,
+                   progress: bool = False) -> tuple[JacobianResult, str]:
+    """(the final J⁺, the method that computed it): the cumulative run's last layer when it is what lm_head reads
+    (not computed twice), else its own reverse-mode run."""
+    final = None if cumulative is None else final_from_cumulative(model, cumulative)
+    if final is not None:
+        return final, cumulative.method
+    return detached_jacobian(model, tokenizer, token_ids, progress=progress), "reverse"
+
+
+def layer_stable_ranks(jacobians: LayerJacobians, component: str) -> list[float]:
+    """Stable rank of each layer's token-combined map [J⁺ℓ,₀ … J⁺ℓ,T]: (d, T·d) per layer, from ‖J‖²_F and σ_max."""
+    jac = jacobians.jacobian[component]  # (L, d_out, T, d_in)
+    return dec.stable_ranks_wide(jac.reshape(*jac.shape[:2], -1))
+
+
+def prompt_row(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    *,
+    layers: Sequence[int] | None = None,
+    components: Sequence[str] = COMPONENTS,
+    method: str = "auto",
+    top_k: int = 5,
+    u_vectors: int = 3,
+) -> dict:
+    """The one-line summary of a prompt that `lllm sweep` writes (the "At scale" page): the same quantities as
+    `analyze`, by the same functions, without the ones only figures of a single prompt read.
+
+    layers=[] skips the depth profile (the final J⁺ alone). Raises on a prompt that cannot be analyzed.
+    """
+    n_layers = text_config(model).num_hidden_layers
+    layers = [] if layers is not None and len(layers) == 0 else check_layers(layers, n_layers)  # []: final J⁺ only
+    components = check_components(components, COMPONENTS)
+    check_choice(method, "method", METHODS)
+    token_ids = tokenize(tokenizer, prompt)
+    d = text_config(model).hidden_size
+    check_fits(model, len(token_ids), default_chunk_size(d), model.get_input_embeddings().weight.dtype)
+    embed(model, token_ids)  # refuses token ids outside the vocabulary with a PromptError
+    following = top_next_tokens(model, tokenizer, token_ids, top_k)
+    ranks: dict[str, list[float] | None] = {c: None for c in COMPONENTS}
+    cumulative, max_error = None, None
+    if layers:
+        cumulative = cumulative_jacobians(model, tokenizer, token_ids, layers=layers, components=components,
+                                          method=method, progress=False)
+        for comp in components:
+            ranks[comp] = layer_stable_ranks(cumulative, comp)
+        max_error = max(max(cumulative.relative_errors(comp)) for comp in components)
+    final, final_method = final_jacobian(model, tokenizer, token_ids, cumulative)
+    last = dec.svd(final.block(-1), k=min(u_vectors, d), reference=final.output)
+    decoded = dec.decode_output(last.U.mT, model, tokenizer, k=1)
+    u_ids = [entry.ids[0] for entry in decoded]
+    next_ids = [t["id"] for t in following]
+    return {
+        "n_tokens": len(token_ids),
+        "token_ids": token_ids,
+        "tokens": final.tokens,
+        "next_token_ids": next_ids,
+        "next_tokens": [t["token"] for t in following],
+        "next_probs": [t["prob"] for t in following],
+        "final_method": final_method,
+        "reconstruction_error": final.relative_error,
+        "stable_rank": dec.stable_ranks_wide(final.combined[None])[0],
+        "token_stable_ranks": dec.per_token_stable_rank(final).tolist(),
+        "layers": layers,
+        **{f"cumulative_stable_rank_{c}": ranks[c] for c in COMPONENTS},
+        "cumulative_max_error": max_error,
+        "u_token_ids": u_ids,
+        "u_tokens": [entry.tokens[0] for entry in decoded],
+        "u_singular_values": last.S.tolist(),
+        "u1_matches_prediction": u_ids[0] == next_ids[0],
+    }
 
 
 def check_analysis_options(model: nn.Module, layers, components, method: str) -> tuple[list[int], tuple[str, ...]]:
