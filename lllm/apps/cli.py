@@ -13,7 +13,7 @@ from lllm.errors import LLLMError
 SUBCOMMANDS = {
     "jacobian": ("lllm.apps.commands:jacobian", "detached Jacobian of one prompt: tokens, top next tokens, error, stable ranks"),
     "analyze": ("lllm.apps.commands:analyze", "everything for one prompt: final and layer-wise Jacobians, SVDs, decodings"),
-    "book": ("lllm.apps.book", "run every notebook for every model through papermill, then build the book"),
+    "book": ("lllm.apps.book.cli", "run every notebook for every model through papermill, then build the book"),
     "sweep": ("lllm.apps.sweep.cli", "the per-prompt analysis over a prompt set, locally or on a Dask cluster"),
     "cache": ("lllm.apps.cache", "what lllm's cache holds and how large it is; clear it (everything in it is derived)"),
 }
