@@ -35,7 +35,7 @@ _PUBLIC = {
     "layerwise_jacobians": "lllm.kernel.layers",
     "DetachedOperator": "lllm.kernel.matfree",
     "topk_svd": "lllm.kernel.matfree",
-    "svd": "lllm.analyses.decompose",
+    "svd": "lllm.kernel.svd",
     "token_svds": "lllm.analyses.decompose",
     "stable_rank": "lllm.analyses.decompose",
     "per_token_stable_rank": "lllm.analyses.decompose",

@@ -67,3 +67,8 @@ class NotebookMetadataError(LLLMError):
 
 class BookBuildError(LLLMError):
     """The book cannot be made as asked: a missing directory, an unknown chapter, clashing model names."""
+
+
+class StopForward(LLLMError):
+    """Not a failure: a hook raises it to end a forward once it has what it reads (the logits, the layers after
+    the deepest one needed); the code that ran the forward catches it, so it never reaches the caller."""

@@ -22,92 +22,15 @@ from torch import nn
 
 from lllm.errors import ArgumentError, LLLMError, UnsupportedModelError
 from lllm.kernel.jacobian import JacobianResult
+from lllm.kernel.svd import SVD, batched_svd, decomposable, orientation_signs, svd
 from lllm.validation import check_int, check_type
 
 SIGNS = ("positive", "both")  # decode vec only, or vec and -vec
 
 
 # ---------------------------------------------------------------------------------------------
-# SVD with a sign convention, and stable rank
+# Spectra and stable rank (the SVD itself, with its sign convention, is lllm.kernel.svd)
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SVD:
-    """A ≈ U diag(S) Vh for A: (m, n), top k triplets, signs fixed by the convention of `svd`."""
-
-    U: torch.Tensor  # (m, k): left singular vectors as columns (output space of a Jacobian)
-    S: torch.Tensor  # (k,): singular values, descending
-    Vh: torch.Tensor  # (k, n): right singular vectors as rows (input space of a Jacobian)
-    complete: bool  # S holds all min(m, n) singular values, so Σ S² = ‖A‖²_F
-
-    @property
-    def V(self) -> torch.Tensor:
-        """(n, k): the right singular vectors as columns."""
-        return self.Vh.mT
-
-    @property
-    def k(self) -> int:
-        """Number of singular triplets held."""
-        return self.S.shape[0]
-
-    def matrix(self) -> torch.Tensor:
-        """U diag(S) Vh: (m, n), A itself when complete, else its best rank-k approximation."""
-        return (self.U * self.S) @ self.Vh
-
-
-def svd(matrix: torch.Tensor, k: int | None = None, *, reference: torch.Tensor | None = None) -> SVD:
-    """SVD of matrix: (m, n), all min(m, n) triplets or the top k, with deterministic signs.
-
-    Sign convention (a pair (u, v) is defined only up to a joint flip, which leaves U diag(S) Vh
-    unchanged): each pair is oriented so that u·reference > 0 when a reference vector (m,) is
-    given (e.g. the output y, for a Jacobian whose left singular vectors live in output space);
-    without a reference, or where u·reference is exactly 0, so that the entry of u with the
-    largest |value| (the first such) is positive. Where singular values repeat, the vectors are
-    not unique beyond sign and only their span is meaningful.
-
-    The top k are the leading part of the exact thin SVD (torch.linalg.svd, full_matrices=False):
-    no randomized method, so repeated calls give identical results.
-    """
-    check_type(matrix, torch.Tensor, "matrix")
-    if matrix.ndim != 2:
-        raise LLLMError(f"svd needs a 2-D matrix, got shape {tuple(matrix.shape)}")
-    return _batched_svd(matrix[None], k, reference)[0]
-
-
-def _decomposable(matrix: torch.Tensor) -> torch.Tensor:
-    """matrix in a dtype torch's SVD kernels take: float16 and bfloat16 are decomposed in float32."""
-    return matrix.float() if matrix.dtype in (torch.float16, torch.bfloat16) else matrix
-
-
-def _batched_svd(blocks: torch.Tensor, k: int | None, reference: torch.Tensor | None) -> list[SVD]:
-    """One oriented SVD per matrix of blocks: (B, m, n), all sharing the same reference (m,) or None."""
-    blocks = _decomposable(blocks)
-    _, m, n = blocks.shape
-    full = min(m, n)
-    k = full if k is None else check_int(k, "k")
-    if not 1 <= k <= full:
-        raise ArgumentError(f"k must be between 1 and min(m, n) = {full}, got {k}")
-    if reference is not None and reference.shape != (m,):
-        raise LLLMError(f"the reference vector must have shape ({m},) to orient left singular vectors, got "
-                        f"{tuple(reference.shape)}")
-    if not torch.isfinite(blocks).all():
-        raise LLLMError("the matrix has NaN or infinite entries; its SVD is undefined")
-    U, S, Vh = torch.linalg.svd(blocks, full_matrices=False)  # (B, m, r), (B, r), (B, r, n)
-    U, S, Vh = U[..., :k], S[..., :k], Vh[..., :k, :]
-    signs = _orientation(U, reference)  # (B, k)
-    U, Vh = U * signs[:, None, :], Vh * signs[:, :, None]
-    return [SVD(U=u, S=s, Vh=vh, complete=k == full) for u, s, vh in zip(U, S, Vh)]
-
-
-def _orientation(U: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
-    """±1 per column of U: (B, m, k) implementing the sign convention of `svd`: (B, k)."""
-    biggest = U.abs().argmax(dim=-2, keepdim=True)  # (B, 1, k): first entry of largest |value|
-    signs = torch.sign(U.gather(-2, biggest)[:, 0, :])  # never 0: a unit vector has a nonzero entry
-    if reference is not None:
-        dots = torch.einsum("bmk,m->bk", U, reference.to(U.dtype))
-        signs = torch.where(dots != 0, torch.sign(dots), signs)
-    return signs
 
 
 def left_spectrum(matrix: torch.Tensor, k: int, *, reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +49,7 @@ def left_spectrum(matrix: torch.Tensor, k: int, *, reference: torch.Tensor | Non
     eigenvalues, vectors = torch.linalg.eigh(wide @ wide.mT)  # ascending
     S = eigenvalues.flip(0).clamp_min(0).sqrt().to(matrix.dtype)
     U = vectors.flip(1)[:, :k].to(matrix.dtype)
-    return S, U * _orientation(U[None], reference)[0]
+    return S, U * orientation_signs(U[None], reference)[0]
 
 
 def singular_values_wide(matrix: torch.Tensor) -> torch.Tensor:
@@ -160,7 +83,7 @@ def token_svds(result: JacobianResult, k: int | None = None) -> list[SVD]:
     """SVD of every block J⁺ᵢ: (d_out, d_in), i = 0..T-1, oriented by the output y (reference)."""
     check_type(result, JacobianResult, "result", "pass what lllm.detached_jacobian returned")
     blocks = result.jacobian.permute(1, 0, 2)  # (T, d_out, d_in)
-    return _batched_svd(blocks, k, result.output)
+    return batched_svd(blocks, k, result.output)
 
 
 def combined_svd(result: JacobianResult, k: int | None = None) -> SVD:
@@ -185,7 +108,7 @@ def stable_rank(spectrum_or_matrix: torch.Tensor | SVD) -> float:
                             f"{spectrum_or_matrix.k}. Compute it with k=None or pass the matrix itself.")
         spectrum = spectrum_or_matrix.S
     elif spectrum_or_matrix.ndim == 2:
-        spectrum = torch.linalg.svdvals(_decomposable(spectrum_or_matrix))
+        spectrum = torch.linalg.svdvals(decomposable(spectrum_or_matrix))
     elif spectrum_or_matrix.ndim == 1:
         spectrum = spectrum_or_matrix
     else:
@@ -196,7 +119,7 @@ def stable_rank(spectrum_or_matrix: torch.Tensor | SVD) -> float:
 
 def per_token_stable_rank(result: JacobianResult) -> torch.Tensor:
     """R of every block J⁺ᵢ: (T,)."""
-    return _stable_rank(torch.linalg.svdvals(_decomposable(result.jacobian.permute(1, 0, 2))))
+    return _stable_rank(torch.linalg.svdvals(decomposable(result.jacobian.permute(1, 0, 2))))
 
 
 def _stable_rank(spectrum: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,9 @@ from lllm.analyses.pipeline import PromptAnalysis, cached_analyze
 from lllm.errors import LLLMError
 from lllm.kernel.jacobian import JacobianResult, detached_jacobian
 from lllm.analyses.steering import SteeringResult, default_layer, lambda_sweep
-from lllm.io.store import ResultCache, computation_fields, dtype_name, record_to_result, result_to_record
+from lllm.apps.steering_tables import concept_appears
+from lllm.io.codecs import computation_fields, dtype_name, record_to_result, result_to_record
+from lllm.io.store import ResultCache
 
 FIGURE_FORMATS = ("png", "svg")
 FAST_LAYER_STRIDE = 10  # the fast configuration analyzes every 10th layer and the last
@@ -326,8 +328,7 @@ def paper_claims(
         claim("steering with J⁺ of a concept", "the concept appears in steered continuations (Table 4)",
               f"{concept_word!r} in some steered (λ<1) continuation and not in the normal one", "—", NOT_MEASURED)
     else:
-        steered = [any(concept_word.lower() in r.steered_text.lower() and concept_word.lower()
-                       not in r.normal_text.lower() for r in sweep if r.lam < 1) for sweep in steering]
+        steered = [any(concept_appears(r, concept_word) for r in sweep if r.lam < 1) for sweep in steering]
         identity = all(r.steered_ids == r.normal_ids for sweep in steering for r in sweep if r.lam == 1)
         claim("steering with J⁺ of a concept", "the concept appears in steered continuations (Table 4)",
               f"{concept_word!r} in some steered (λ<1) continuation and not in the normal one, for every prompt; "

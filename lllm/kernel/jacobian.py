@@ -20,7 +20,9 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from lllm.errors import LinearizationError, LLLMError, MemoryBudgetError, PromptError, UnsupportedModelError
+from lllm.errors import (
+    LinearizationError, LLLMError, MemoryBudgetError, PromptError, StopForward, UnsupportedModelError,
+)
 from lllm.kernel.oplevel import MLP_SPLITS, additive_duals, additive_parameters, detached
 from lllm.validation import check_choice, check_chunk_size, check_position, grad_enabled, token_id_list
 
@@ -96,10 +98,6 @@ def embed(model: nn.Module, token_ids: Sequence[int]) -> torch.Tensor:
         return model.get_input_embeddings()(ids)[0].detach()
 
 
-class _Captured(Exception):
-    """Raised by the output-embedding hook once it has what it reads: the logits are never computed."""
-
-
 def text_config(model: nn.Module):
     """The config of the text decoder (a multimodal wrapper keeps it under text_config)."""
     return model.config.get_text_config()
@@ -119,12 +117,12 @@ def final_hidden(model: nn.Module, x: torch.Tensor, position: int = -1, paramete
 
     def grab(module, args, kwargs):
         read["y"] = args[0] if args else next(iter(kwargs.values()))
-        raise _Captured
+        raise StopForward  # the logits are never computed
 
     handle = head.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         forward()
-    except _Captured:
+    except StopForward:
         pass
     finally:
         handle.remove()

@@ -31,7 +31,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from tqdm.auto import tqdm
 
-from lllm.analyses.decompose import _orientation, svd
+from lllm.kernel.svd import orientation_signs, svd
 from lllm.errors import MemoryBudgetError, OperatorError, PromptError
 from lllm.kernel.jacobian import (
     available_memory, bias_term, embed, estimate_jacobian_bytes, final_hidden, relative_error, self_check, text_config,
@@ -245,7 +245,7 @@ def _orthonormalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 def _orient(u: torch.Tensor, v: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flip pairs by `lllm.analyses.decompose.svd`'s convention (uⱼ·y > 0): u (d_out, k), v (k, …), y (d_out,)."""
-    signs = _orientation(u[None], y)[0]  # (k,)
+    signs = orientation_signs(u[None], y)[0]  # (k,)
     return u * signs, v * signs.reshape(-1, *[1] * (v.ndim - 1))
 
 

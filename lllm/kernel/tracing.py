@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lllm.errors import MemoryBudgetError, UnsupportedModelError
+from lllm.errors import MemoryBudgetError, StopForward, UnsupportedModelError
 from lllm.kernel.jacobian import available_memory, text_config
 from lllm.kernel.oplevel import additive_parameters
 from lllm.kernel.parts import SUBMODULE_NAMES, DecoderParts
@@ -18,9 +18,6 @@ from lllm.kernel.parts import SUBMODULE_NAMES, DecoderParts
 
 class LayerTrace:
     """Forward hooks that capture each layer's input (and call kwargs) and its component outputs."""
-
-    class Stop(Exception):
-        """Raised after the deepest needed layer, so that no later layer is computed."""
 
     def __init__(self, parts: DecoderParts, layers: Iterable[int], components: Sequence[str], stop: bool):
         self.parts = parts
@@ -44,7 +41,7 @@ class LayerTrace:
     def __exit__(self, exc_type, exc, tb) -> bool:
         for handle in self._handles:
             handle.remove()
-        return exc_type is LayerTrace.Stop  # swallow the early stop, re-raise anything else
+        return exc_type is StopForward  # swallow the early stop, re-raise anything else
 
     def _save_input(self, ell: int):
         def hook(module, args, kwargs):
@@ -64,7 +61,7 @@ class LayerTrace:
 
     @staticmethod
     def _stop(module, args, output):
-        raise LayerTrace.Stop
+        raise StopForward
 
 
 def component_module(parts: DecoderParts, layer: nn.Module, comp: str) -> nn.Module:

@@ -1,7 +1,5 @@
 """Matrix-free products and top-k SVDs of J⁺, pinned against the full reverse-mode Jacobian."""
 
-import gc
-
 import pytest
 import torch
 
@@ -160,44 +158,11 @@ def test_model_is_restored_and_operator_refuses_misuse():
 def test_a_missed_nonlinearity_is_refused(monkeypatch):
     """With a wrong activation factor (g = 1, live in the "gate" split: the tags still prove linearity), J no
     longer reconstructs y: the operator's numeric self-check must refuse to open."""
-    from lllm.kernel import oplevel
+    from lllm.kernel import rules
 
-    monkeypatch.setattr(oplevel, "_factor", lambda name, h, value, kwargs: torch.ones_like(h))
+    monkeypatch.setattr(rules, "activation_factor", lambda name, h, value, kwargs: torch.ones_like(h))
     model = tiny_model("llama", torch.float64)
     with pytest.raises(LinearizationError):
         with DetachedOperator.from_prompt(model, TOK, PROMPT, mlp_split="gate"):
             pass
     assert not getattr(model, "_lllm_detached", False)
-
-
-# ---------------------------------------------------------------- real weights (slow; run by default)
-
-# the first 64 of this text's 96 SmolLM2 tokens: a prompt long enough that J⁺ has 64 blocks.
-LONG_PROMPT = (
-    "The Golden Gate Bridge spans the strait between San Francisco Bay and the Pacific Ocean. "
-    "When it opened in 1937 it was the longest suspension bridge in the world, and its towers, painted "
-    "in a colour called international orange, rise more than two hundred metres above the water. Fog often "
-    "rolls in from the ocean in the afternoon and hides the roadway, so that only the tops of the towers "
-    "can be seen from the city. The bridge out of Marin is the"
-)
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    model, tokenizer = lllm.load("smollm2-135m", torch.float32)
-    yield model, tokenizer
-    del model
-    gc.collect()
-
-
-@pytest.mark.slow
-def test_smollm2_64_tokens_top8_match_the_full_svd(smollm2):
-    model, tokenizer = smollm2
-    ids = tokenizer(LONG_PROMPT)["input_ids"][:64]
-    full = lllm.detached_jacobian(model, tokenizer, ids, progress=False)
-    s_full = torch.linalg.svdvals(full.combined.double())[:8]
-    with DetachedOperator.from_prompt(model, tokenizer, ids) as op:
-        assert op.relative_error <= 1e-5
-        u, s, v = topk_svd(op, 8, block_size=4, power_iters=8)
-        assert op.counts.vjp == op.counts.jvp == 36  # 72 products, against 576 for the full J
-    assert relative(s.double(), s_full) <= 1e-4

@@ -1,0 +1,43 @@
+"""What every paper notebook does first: style its figures, resolve its prompt, load and analyse.
+
+    prompt = notebook.setup(prompt)  # the parameters cell may leave prompt = None: the paper's prompt
+    net, tokenizer, analysis = notebook.load_and_analyze(model, prompt, dtype, fast)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import matplotlib.pyplot as plt
+from torch import nn
+
+from lllm.analyses.pipeline import PromptAnalysis
+from lllm.apps.plots import load_analysis, model_name
+from lllm.defaults import DEFAULT_PROMPT
+from lllm.io.models import load
+
+STYLE = {"figure.dpi": 90, "axes.titlesize": 10, "axes.labelsize": 9}  # the figures of every page
+
+
+def setup(prompt: str | None = None) -> str:
+    """Style the figures; the prompt to analyse (None, a parameters cell's default: DEFAULT_PROMPT)."""
+    plt.rcParams.update(STYLE)
+    return DEFAULT_PROMPT if prompt is None else prompt
+
+
+def header(model: nn.Module, analysis: PromptAnalysis, dtype: str, fast: bool) -> str:
+    """The markdown line that opens a per-prompt page: model, tokens, prediction, layers analyzed."""
+    meta = analysis.meta
+    top = meta["next_tokens"][0]
+    return (f"**{model_name(model)}**, {dtype}: tokens {meta['tokens']}, predicted next token "
+            f"**{top['token']!r}** (p = {top['prob']:.2f}); layers analyzed: {analysis.layers if fast else 'all'}")
+
+
+def load_and_analyze(model: str, prompt: str, dtype: str, fast: bool) -> tuple[nn.Module, Any, PromptAnalysis]:
+    """Load model, analyse prompt in the book's shared cached configuration, and show the page's header."""
+    from IPython.display import Markdown, display  # IPython comes with the notebooks' kernel (the book extra)
+
+    net, tokenizer = load(model, dtype=dtype)
+    analysis = load_analysis(net, tokenizer, prompt, fast)
+    display(Markdown(header(net, analysis, dtype, fast)))
+    return net, tokenizer, analysis
