@@ -105,6 +105,21 @@ def _choose(method: str, forward_cost: float, reverse_cost: float) -> str:
     return "forward" if forward_cost <= REVERSE_COST * reverse_cost else "reverse"
 
 
+def _request(model, tokenizer, prompt_or_ids, layers, components, position, method, chunk_size):
+    """The checked arguments of a layer readout, before any work: (token_ids, x0 (T, d), layers, components,
+    position, chunk_size, keys [(ℓ, component)]); refuses a result that would not fit in memory."""
+    components, chunk_size = check_components(components, COMPONENTS), check_chunk_size(chunk_size)
+    layers = check_layers(layers, text_config(model).num_hidden_layers)
+    check_choice(method, "method", METHODS)
+    token_ids = tokenize(tokenizer, prompt_or_ids)
+    position = check_position(position, len(token_ids))
+    chunk_size = chunk_size or sweep_chunk_size(model, len(token_ids), model.dtype)
+    x0 = embed(model, token_ids)  # (T, d)
+    keys = [(ell, c) for ell in layers for c in components]
+    check_result_fits(len(keys), x0.shape[-1], len(token_ids), x0.shape[-1], x0.dtype, x0.device)
+    return token_ids, x0, layers, components, position, chunk_size, keys
+
+
 @grad_enabled
 def cumulative_jacobians(
     model: nn.Module,
@@ -121,25 +136,15 @@ def cumulative_jacobians(
     progress: bool = True,
 ) -> LayerJacobians:
     """Cumulative J⁺: input embeddings → each layer/attention/MLP output at `position` (Fig. 6A–C)."""
-    components, chunk_size = check_components(components, COMPONENTS), check_chunk_size(chunk_size)
-    layers = check_layers(layers, text_config(model).num_hidden_layers)
-    check_choice(method, "method", METHODS)
-    token_ids = tokenize(tokenizer, prompt_or_ids)
-    position = check_position(position, len(token_ids))
-    chunk_size = chunk_size or sweep_chunk_size(model, len(token_ids), model.dtype)
-    x0 = embed(model, token_ids)  # (T, d)
-    d = x0.shape[-1]
-    T, keys = len(token_ids), [(ell, c) for ell in layers for c in components]
-    check_result_fits(len(keys), d, T, d, x0.dtype, x0.device)
+    token_ids, x0, layers, components, position, chunk_size, keys = _request(
+        model, tokenizer, prompt_or_ids, layers, components, position, method, chunk_size)
+    d, T = x0.shape[-1], len(token_ids)
     depth = layers[-1] + 1
     # forward: T·d basis tangents through `depth` layers; reverse: d rows back through T tokens and ℓ+1 layers each
     chosen = _choose(method, d * _forward_token_layers(position, depth), sum(d * T * (ell + 1) for ell, _ in keys))
     run = lambda how: _cumulative(model, tokenizer, token_ids, x0, layers, components, position,  # noqa: E731
                                      through_norm, mlp_split, how, chunk_size, progress)
-    result = _with_fallback(model, run, method, chosen)
-    for comp in components:
-        self_check(max(result.relative_errors(comp)), x0.dtype, f"cumulative {comp} outputs")
-    return result
+    return _self_checked(_with_fallback(model, run, method, chosen), "cumulative")
 
 
 @grad_enabled
@@ -157,23 +162,13 @@ def layerwise_jacobians(
     progress: bool = True,
 ) -> LayerJacobians:
     """Layer-wise J⁺: layer ℓ alone, input hidden states (T, d) → its outputs at `position` (Fig. 6D)."""
-    components, chunk_size = check_components(components, COMPONENTS), check_chunk_size(chunk_size)
-    layers = check_layers(layers, text_config(model).num_hidden_layers)
-    check_choice(method, "method", METHODS)
-    token_ids = tokenize(tokenizer, prompt_or_ids)
-    position = check_position(position, len(token_ids))
-    chunk_size = chunk_size or sweep_chunk_size(model, len(token_ids), model.dtype)
-    x0 = embed(model, token_ids)
-    d = x0.shape[-1]
-    T, keys = len(token_ids), [(ell, c) for ell in layers for c in components]
-    check_result_fits(len(keys), d, T, d, x0.dtype, x0.device)
+    token_ids, x0, layers, components, position, chunk_size, keys = _request(
+        model, tokenizer, prompt_or_ids, layers, components, position, method, chunk_size)
+    d, T = x0.shape[-1], len(token_ids)
     chosen = _choose(method, d * T * T, d * T * len(components))  # its basis sweep runs every token (no window)
     run = lambda how: _layerwise(model, tokenizer, token_ids, x0, layers, components, position,  # noqa: E731
                                     mlp_split, how, chunk_size, progress)
-    result = _with_fallback(model, run, method, chosen)
-    for comp in components:
-        self_check(max(result.relative_errors(comp)), x0.dtype, f"layer-wise {comp} outputs")
-    return result
+    return _self_checked(_with_fallback(model, run, method, chosen), "layer-wise")
 
 
 class _LayerRun(nn.Module):
@@ -299,6 +294,13 @@ def _sweep_allowed(lin, method: str) -> str:
     if method == "forward" and not lin.batch_safe:
         raise ReplayError("x-dependent indices select rows (MoE routing): the record cannot be replayed on a batch")
     return method
+
+
+def _self_checked(result: LayerJacobians, kind: str) -> LayerJacobians:
+    """result, once every component's outputs are reconstructed to float precision (else LinearizationError)."""
+    for comp in result.jacobian:
+        self_check(max(result.relative_errors(comp)), result.inputs.dtype, f"{kind} {comp} outputs")
+    return result
 
 
 def _with_fallback(model: nn.Module, run, requested: str, chosen: str):
