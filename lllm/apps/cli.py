@@ -35,12 +35,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser; only `command`'s module is imported (all of them when it is None)."""
+    """The argument parser; only `command`'s module is imported (none for `lllm --help`, which lists the names)."""
     parser = _Parser(prog="lllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (module, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        if command in (None, name):  # importing torch-heavy modules only for the command that runs
+        if command == name:  # importing torch-heavy modules only for the command that runs
             _entry(module, "add_arguments")(sub_parser)
         sub_parser.set_defaults(_module=module)
     return parser
