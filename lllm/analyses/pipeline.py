@@ -28,7 +28,7 @@ from lllm.analyses.generation import top_next_tokens
 from lllm.kernel.layers import (
     COMPONENTS, METHODS, LayerJacobians, cumulative_jacobians, final_from_cumulative, layerwise_jacobians,
 )
-from lllm.io.codecs import model_identity, record_to_result, result_to_record
+from lllm.io.codecs import computation_fields, record_to_result, result_to_record
 from lllm.io.store import ResultCache
 from lllm.validation import check_choice, check_components, check_layers
 
@@ -280,9 +280,8 @@ def cached_analyze(model: nn.Module, tokenizer, prompt, *, cache: ResultCache | 
     options = {**options, "layers": None if all_layers else layers}
     if "components" in options:
         options["components"] = list(components)
-    key = {"model": model_identity(model), "prompt": prompt, "dtype": str(model.dtype), "format": ANALYSIS_FORMAT,
-           "options":
-           {k: v for k, v in options.items() if k != "progress"}}
+    stored = {k: v for k, v in options.items() if k != "progress"}
+    key = computation_fields(model, prompt, options={**stored, "format": ANALYSIS_FORMAT})  # the one key builder
     tensors, meta, _ = cache.get_or_compute(
         ANALYSIS_KIND, key, lambda: analysis_to_record(analyze(model, tokenizer, prompt, **options), model, options)
     )
