@@ -293,5 +293,6 @@ def self_check(error: float, dtype: torch.dtype, what: str) -> None:
     if not error <= tol:
         raise LinearizationError(
             f"the detached Jacobian of {what} reconstructs it only to relative error {error:.3g} "
-            f"(> {tol:g} for {dtype}): a nonlinearity was not frozen. This is a bug in lllm's op table (lllm/oplevel.py)."
+            f"(> {tol:g} for {dtype}): a nonlinearity was not frozen. This is a bug in lllm's op table "
+            "(lllm/kernel/optable.py and rules.py)."
         )
