@@ -12,7 +12,8 @@ from torch.utils._pytree import tree_map
 from lllm.errors import CoverageError, ReplayError
 from lllm.kernel import optable as ops
 from lllm.kernel.opargs import (
-    Entry, RUN, get_slot, map_tensors, modeling_caller, mutable_arguments, narrow_to_window, norm_arguments, on_meta, op_name, put_slot, sdpa_arguments, target_written, tensors_in,
+    Entry, RUN, get_slot, map_tensors, modeling_caller, mutable_arguments, narrow_to_window, norm_arguments,
+    on_meta, op_name, put_slot, sdpa_arguments, target_written, tensors_in,
 )
 from lllm.kernel.optable import C, F, L, A, N, LIVE
 from lllm.kernel.rules import OpRules

@@ -14,7 +14,8 @@ from torch.utils._pytree import tree_map
 
 from lllm.kernel import optable as ops
 from lllm.kernel.opargs import (
-    activation_factor, get_slot, keeps_zero, map_tensors, mutable_arguments, nonzero, norm_arguments, on_meta, plain_value, put_slot, sdpa_arguments, split_name, surrogate, tensors_in, zeros_for_live
+    activation_factor, get_slot, keeps_zero, map_tensors, mutable_arguments, nonzero, norm_arguments, on_meta,
+    plain_value, put_slot, sdpa_arguments, split_name, surrogate, tensors_in, zeros_for_live,
 )
 from lllm.kernel.optable import C, F, L, A, N, LIVE
 
