@@ -21,8 +21,8 @@ from torch import nn
 
 from lllm.analyses import decompose as dec
 from lllm.kernel.jacobian import (
-    JacobianResult, check_fits, default_chunk_size, detached_jacobian, embed, jvp_reconstruction, relative_error,
-    text_config, tokenize,
+    JacobianResult, available_memory, check_fits, default_chunk_size, detached_jacobian, embed, jvp_reconstruction,
+    relative_error, text_config, tokenize,
 )
 from lllm.analyses.generation import top_next_tokens
 from lllm.kernel.layers import (
@@ -64,10 +64,44 @@ class PromptAnalysis:
         return torch.einsum("ldk,dj->lkj", top, top[-1])
 
 
-def _spectra_and_top(jac: LayerJacobians, component: str, reference: torch.Tensor, k: int):
-    """(L, d) singular values and (L, d, k) top left singular vectors of each layer's combined matrix."""
-    pairs = [dec.left_spectrum(jac.combined(component, ell), k, reference=reference) for ell in jac.layers]
-    return torch.stack([s for s, _ in pairs]), torch.stack([u for _, u in pairs])
+def _reduce(jacobians: LayerJacobians, components, k: int, reference: torch.Tensor | None) -> dict:
+    """What the figures read of a group of layer Jacobians, per component: the spectra (L, d), the stable ranks and
+    the reconstruction errors; with a reference (cumulative maps, oriented by y) the top-k left singular vectors
+    (L, d, k) too."""
+    out: dict[str, dict] = {"spectra": {}, "top_u": {}, "stable_ranks": {}, "errors": {}}
+    for comp in components:
+        matrices = [jacobians.combined(comp, ell) for ell in jacobians.layers]  # (d, T·d) each
+        if reference is None:
+            out["spectra"][comp] = torch.stack([dec.singular_values_wide(m) for m in matrices])
+        else:
+            pairs = [dec.left_spectrum(m, k, reference=reference) for m in matrices]
+            out["spectra"][comp] = torch.stack([s for s, _ in pairs])
+            out["top_u"][comp] = torch.stack([u for _, u in pairs])
+        out["stable_ranks"][comp] = layer_stable_ranks(jacobians, comp)
+        out["errors"][comp] = jacobians.relative_errors(comp)
+    return out
+
+
+def _concatenate(parts: list[dict]) -> dict:
+    """The reductions of consecutive groups as one: tensors concatenated along layers, lists joined."""
+    joined: dict[str, dict] = {}
+    for name in parts[0]:
+        joined[name] = {}
+        for comp in parts[0][name]:
+            values = [part[name][comp] for part in parts]
+            joined[name][comp] = torch.cat(values) if isinstance(values[0], torch.Tensor) else sum(values, [])
+    return joined
+
+
+def layer_groups(model: nn.Module, n_tokens: int, layers: Sequence[int], components: Sequence[str],
+                 memory_budget: int | None = None) -> list[list[int]]:
+    """`layers` cut into consecutive groups whose Jacobians (one (d, T, d) per layer and component) fit in
+    `memory_budget` bytes (default: a third of the free memory), at least one layer each."""
+    cfg = text_config(model)
+    per_layer = len(components) * cfg.hidden_size ** 2 * n_tokens * (torch.finfo(model.dtype).bits // 8)
+    budget = available_memory(model.device) // 3 if memory_budget is None else memory_budget
+    size = max(1, budget // per_layer)
+    return [list(layers[i:i + size]) for i in range(0, len(layers), size)]
 
 
 def analyze(
@@ -81,21 +115,41 @@ def analyze(
     k_vectors: int = 3,
     k_tokens: int = 5,
     progress: bool = True,
+    memory_budget: int | None = None,
 ) -> PromptAnalysis:
-    """Every figure's data for one prompt (see the module docstring). Not cached: see `cached_analyze`."""
-    layers, components = check_analysis_options(model, layers, components, method)  # before any work
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-    token_ids = tokenize(tokenizer, prompt)
-    cumulative = cumulative_jacobians(model, tokenizer, token_ids, layers=layers, components=components,
-                                      method=method, progress=progress)
-    layerwise = layerwise_jacobians(model, tokenizer, token_ids, layers=layers, components=components,
-                                    progress=progress)
-    timings["layer_jacobians"] = time.perf_counter() - clock
+    """Every figure's data for one prompt (see the module docstring). Not cached: see `cached_analyze`.
 
-    clock = time.perf_counter()
-    final, _ = final_jacobian(model, tokenizer, token_ids, cumulative, progress=progress)
-    timings["final_jacobian"] = time.perf_counter() - clock
+    The layer Jacobians are reduced to what the figures read (spectra, stable ranks, top singular vectors, errors)
+    group by group, each group as many layers as fit in `memory_budget` bytes (default: a third of the free
+    memory), so that a paper-size model needs the memory of one layer's Jacobians, not of all of them.
+    """
+    layers, components = check_analysis_options(model, layers, components, method)  # before any work
+    timings: dict[str, float] = {"layer_jacobians": 0.0, "svds": 0.0}
+    token_ids = tokenize(tokenizer, prompt)
+    groups = layer_groups(model, len(token_ids), layers, components, memory_budget)
+    parts: dict[str, list[dict]] = {"cumulative": [], "layerwise": []}
+    methods: dict[str, set] = {"cumulative": set(), "layerwise": set()}
+    final = None
+    for group in reversed(groups):  # the last group first: it holds the final J⁺, whose y orients the vectors
+        for kind, readout in (("cumulative", cumulative_jacobians), ("layerwise", layerwise_jacobians)):
+            clock = time.perf_counter()
+            options = {"method": method} if kind == "cumulative" else {}
+            jacobians = readout(model, tokenizer, token_ids, layers=group, components=components, progress=progress,
+                                **options)
+            timings["layer_jacobians"] += time.perf_counter() - clock
+            if final is None:
+                clock = time.perf_counter()
+                final, _ = final_jacobian(model, tokenizer, token_ids, jacobians, progress=progress)
+                timings["final_jacobian"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            reference = final.output if kind == "cumulative" else None
+            parts[kind].insert(0, _reduce(jacobians, components, k_vectors, reference))
+            methods[kind].add(jacobians.method)
+            timings["svds"] += time.perf_counter() - clock
+            del jacobians  # before the next group: only the reductions are kept
+    reduced = {kind: _concatenate(found) for kind, found in parts.items()}
+    layer_spectra, layer_top_u = reduced["cumulative"]["spectra"], reduced["cumulative"]["top_u"]
+    layerwise_spectra = reduced["layerwise"]["spectra"]
 
     clock = time.perf_counter()
     x = embed(model, token_ids)
@@ -104,12 +158,7 @@ def analyze(
 
     clock = time.perf_counter()
     svds = dec.token_svds(final)
-    layer_spectra, layer_top_u = {}, {}
-    for comp in components:
-        layer_spectra[comp], layer_top_u[comp] = _spectra_and_top(cumulative, comp, final.output, k_vectors)
-    layerwise_spectra = {c: torch.stack([dec.singular_values_wide(layerwise.combined(c, ell)) for ell in layerwise.layers])
-                         for c in components}
-    timings["svds"] = time.perf_counter() - clock
+    timings["svds"] += time.perf_counter() - clock
 
     clock = time.perf_counter()
     last = len(token_ids) - 1
@@ -117,22 +166,21 @@ def analyze(
         "prompt": prompt if isinstance(prompt, str) else None,
         "token_ids": token_ids,
         "tokens": final.tokens,
-        "layers": cumulative.layers,
+        "layers": layers,
         "components": list(components),
         "next_tokens": top_next_tokens(model, tokenizer, token_ids, k_tokens),
         "relative_error": final.relative_error,
         "ordinary_relative_error": relative_error(final.output, ordinary),
         "bias_fraction": None if final.bias is None else float(final.bias.norm() / final.output.norm()),
         "token_stable_rank": dec.per_token_stable_rank(final).tolist(),
-        "stable_ranks": {kind: {c: layer_stable_ranks(lj, c) for c in components}
-                         for kind, lj in (("cumulative", cumulative), ("layerwise", layerwise))},
+        "stable_ranks": {kind: reduced[kind]["stable_ranks"] for kind in reduced},
         "token_decodings": [dec.decode_svd(s, model, tokenizer, k_vectors, k_tokens) for s in svds],
         "row_col_features": _features(final.block(last), model, tokenizer, k_tokens),
-        "layer_errors": {f"{kind}.{c}": lj.relative_errors(c) for kind, lj in
-                         (("cumulative", cumulative), ("layerwise", layerwise)) for c in components},
+        "layer_errors": {f"{kind}.{c}": reduced[kind]["errors"][c] for kind in reduced for c in components},
         "layer_decodings": _layer_decodings(layer_top_u["layer"], layer_spectra["layer"], model, tokenizer,
                                             k_tokens),
-        "methods": {"cumulative": cumulative.method, "layerwise": layerwise.method},
+        "methods": {kind: "+".join(sorted(used)) for kind, used in methods.items()},
+        "layer_groups": [list(group) for group in groups],
         "timings": timings,
     }
     timings["decodings"] = time.perf_counter() - clock
@@ -271,7 +319,8 @@ def record_to_analysis(tensors: dict, meta: dict) -> PromptAnalysis:
     )
 
 
-def cached_analyze(model: nn.Module, tokenizer, prompt, *, cache: ResultCache | None = None, **options) -> PromptAnalysis:
+def cached_analyze(model: nn.Module, tokenizer, prompt, *, cache: ResultCache | None = None,
+                   **options) -> PromptAnalysis:
     """`analyze` through the content-addressed results cache: an unchanged call loads instead."""
     cache = cache or ResultCache()
     layers, components = check_analysis_options(model, options.get("layers"), options.get("components", COMPONENTS),
@@ -280,10 +329,11 @@ def cached_analyze(model: nn.Module, tokenizer, prompt, *, cache: ResultCache | 
     options = {**options, "layers": None if all_layers else layers}
     if "components" in options:
         options["components"] = list(components)
-    stored = {k: v for k, v in options.items() if k != "progress"}
+    # neither the progress bars nor the memory budget (how many layers are reduced at once) change what is computed
+    stored = {k: v for k, v in options.items() if k not in ("progress", "memory_budget")}
     key = computation_fields(model, prompt, options={**stored, "format": ANALYSIS_FORMAT})  # the one key builder
     tensors, meta, _ = cache.get_or_compute(
-        ANALYSIS_KIND, key, lambda: analysis_to_record(analyze(model, tokenizer, prompt, **options), model, options)
+        ANALYSIS_KIND, key, lambda: analysis_to_record(analyze(model, tokenizer, prompt, **options), model, stored)
     )
     return record_to_analysis(tensors, meta)
 

@@ -84,3 +84,22 @@ def test_stable_rank_of_a_known_matrix():
     matrix = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
     wide = torch.cat([matrix, torch.zeros(3, 4, dtype=torch.float64)], dim=1)  # (3, 7)
     assert dec.stable_ranks_wide(wide[None]) == [pytest.approx((9 + 4 + 1) / 9, rel=1e-15)]
+
+
+def test_a_memory_budget_reduces_layer_groups_to_the_same_numbers(tiny, analysis):
+    """With a budget that holds two layers' Jacobians, the analysis runs in groups and keeps only reductions:
+    the numbers are those of the one-group run (the default budget holds every layer of a tiny model)."""
+    model, tok = tiny
+    n_layers, d, T = model.config.num_hidden_layers, model.config.hidden_size, len(analysis.meta["token_ids"])
+    one_layer = 3 * d * d * T * 8  # three components, float64
+    assert analysis.meta["layer_groups"] == [list(range(n_layers))]
+    grouped = analyze(model, tok, PROMPT, progress=False, memory_budget=one_layer)
+    assert grouped.meta["layer_groups"] == [[ell] for ell in range(n_layers)]
+    for kind in ("cumulative", "layerwise"):
+        for comp, ranks in analysis.stable_ranks(kind).items():
+            assert grouped.stable_ranks(kind)[comp] == pytest.approx(ranks, rel=1e-12)
+    for comp in analysis.layer_spectra:
+        torch.testing.assert_close(grouped.layer_spectra[comp], analysis.layer_spectra[comp], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grouped.layer_top_u[comp], analysis.layer_top_u[comp], rtol=1e-10, atol=1e-12)
+    assert grouped.meta["layer_decodings"] == analysis.meta["layer_decodings"]
+    torch.testing.assert_close(grouped.final.jacobian, analysis.final.jacobian, rtol=0, atol=0)
