@@ -25,19 +25,21 @@ def setup(prompt: str | None = None) -> str:
     return DEFAULT_PROMPT if prompt is None else prompt
 
 
-def header(model: nn.Module, analysis: PromptAnalysis, dtype: str, fast: bool) -> str:
+def header(model: nn.Module, analysis: PromptAnalysis, dtype: str) -> str:
     """The markdown line that opens a per-prompt page: model, tokens, prediction, layers analyzed."""
     meta = analysis.meta
     top = meta["next_tokens"][0]
+    every = analysis.layers == list(range(model.config.num_hidden_layers))
     return (f"**{model_name(model)}**, {dtype}: tokens {meta['tokens']}, predicted next token "
-            f"**{top['token']!r}** (p = {top['prob']:.2f}); layers analyzed: {analysis.layers if fast else 'all'}")
+            f"**{top['token']!r}** (p = {top['prob']:.2f}); layers analyzed: {'all' if every else analysis.layers}")
 
 
-def load_and_analyze(model: str, prompt: str, dtype: str, fast: bool) -> tuple[nn.Module, Any, PromptAnalysis]:
-    """Load model, analyse prompt in the book's shared cached configuration, and show the page's header."""
+def load_and_analyze(model: str, prompt: str, dtype: str, fast: bool,
+                     layers: list[int] | None = None) -> tuple[nn.Module, Any, PromptAnalysis]:
+    """Load model, analyse prompt in the book's shared cached configuration (or only `layers`), show the header."""
     from IPython.display import Markdown, display  # IPython comes with the notebooks' kernel (the book extra)
 
     net, tokenizer = load(model, dtype=dtype)
-    analysis = load_analysis(net, tokenizer, prompt, fast)
-    display(Markdown(header(net, analysis, dtype, fast)))
+    analysis = load_analysis(net, tokenizer, prompt, fast, layers)
+    display(Markdown(header(net, analysis, dtype)))
     return net, tokenizer, analysis

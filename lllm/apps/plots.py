@@ -61,9 +61,11 @@ def analysis_layers(n_layers: int, fast: bool) -> list[int] | None:
     return sorted(set(range(0, n_layers, FAST_LAYER_STRIDE)) | {n_layers - 1})
 
 
-def load_analysis(model: nn.Module, tokenizer, prompt: str, fast: bool) -> PromptAnalysis:
-    """The cached `analyze` of prompt in the configuration shared by every notebook (see `analysis_layers`)."""
-    layers = analysis_layers(model.config.num_hidden_layers, fast)
+def load_analysis(model: nn.Module, tokenizer, prompt: str, fast: bool,
+                  layers: list[int] | None = None) -> PromptAnalysis:
+    """The cached `analyze` of prompt in the configuration shared by every notebook (see `analysis_layers`), or of
+    the given layers only; either way the layer Jacobians are reduced group by group within the memory budget."""
+    layers = analysis_layers(model.config.num_hidden_layers, fast) if layers is None else list(layers)
     return cached_analyze(model, tokenizer, prompt, layers=layers, progress=False)
 
 
