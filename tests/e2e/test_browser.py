@@ -1,7 +1,7 @@
 """The built book in headless Chromium: pages render, images load, MathJax typesets, nothing leaves the machine.
 
 Serves book/_build/html on 127.0.0.1 from a background thread and drives Debian's Chromium through
-Playwright. It checks the test book built by tests/test_book.py (tiny-model notebooks), and also the
+Playwright. It checks the test book (tests/tiny_book.py, fixture `built_book`: tiny-model notebooks), and also the
 repository's own book when `lllm book` has built it (book/_build/html). Every request the pages make
 is recorded; any to another host is blocked and fails the test.
 """
@@ -16,8 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-
-from test_book import REPO, built_book
+from tiny_book import REPO
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -129,10 +128,9 @@ def screenshot(page, name: str) -> Path:
     return path
 
 
-def test_test_book_renders_offline(tmp_path_factory, serve, browser):
-    built = built_book(tmp_path_factory.mktemp("lllm-book"))
-    assert built["report"].built, "\n".join(built["report"].build_errors)
-    base = serve(built["book_dir"] / "_build" / "html")
+def test_test_book_renders_offline(built_book, serve, browser):
+    assert built_book["report"].built, "\n".join(built_book["report"].build_errors)
+    base = serve(built_book["book_dir"] / "_build" / "html")
     check_page(browser, base + "index.html", min_images=0, min_math=2)
     check_page(browser, base + "method.html", min_images=0, min_math=20)
     check_page(browser, base + "generated/compare/all-models.html", min_images=1, min_math=1)

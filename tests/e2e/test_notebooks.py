@@ -1,4 +1,4 @@
-"""The paper notebooks: their metadata contract with `lllm book`, and each one executing on SmolLM2.
+"""The paper notebooks, each one executing on SmolLM2 (tests/unit/test_notebooks.py checks their metadata).
 
 Every notebook runs through papermill in the fast configuration (fast=True, the prompt "The Golden")
 in one shared results cache (LLLM_CACHE_DIR, a session directory the kernels inherit through the
@@ -9,7 +9,6 @@ output, benchmark results, DeepSeek weights) must say plainly when those are mis
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import time
@@ -19,16 +18,13 @@ import matplotlib
 import nbformat
 import pytest
 
-from lllm.apps.book import SCOPES, discover
-from lllm.apps.plots import analysis_layers, figure_title, paper_claims, save_figure
+from lllm.apps.book import discover
 
 matplotlib.use("Agg")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
 MODEL, PROMPT = "smollm2-135m", "The Golden"
-COMMON_PARAMETERS = {"prompt", "dtype", "output_dir", "fast"}
-SCOPE_PARAMETERS = {"per_model": {"model"}, "all_models": {"models"}}
 # figa1 is about one model (DeepSeek-R1's Qwen 3 distill), not the book's list: it runs once, on `model`.
 OWN_MODEL = {"figa1"}
 # The figures each chapter writes in the fast configuration on SmolLM2 (file stems, as PNG and SVG).
@@ -51,13 +47,6 @@ SPECS = {spec.chapter: spec for spec in discover(NOTEBOOKS)}
 _TIMINGS: dict[str, float] = {}
 
 
-def parameter_names(nb) -> set[str]:
-    """Names assigned in the notebook's `parameters` cell."""
-    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    return {target.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
-            for target in node.targets if isinstance(target, ast.Name)}
-
-
 def outputs_text(nb) -> str:
     """Every text output (streams, markdown, plain text, errors) of an executed notebook, joined."""
     parts = []
@@ -70,70 +59,12 @@ def outputs_text(nb) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The contract with `lllm book`
+# The figures each chapter must write
 # ---------------------------------------------------------------------------------------------
 
 
 def test_every_chapter_of_the_paper_has_a_notebook():
     assert set(SPECS) == set(FIGURES)
-
-
-@pytest.mark.parametrize("chapter", sorted(FIGURES))
-def test_notebook_metadata_and_parameters(chapter):
-    spec = SPECS[chapter]
-    nb = nbformat.read(spec.path, as_version=4)
-    assert nb.metadata["kernelspec"]["name"] == "python3"
-    assert spec.scope in SCOPES and spec.title and spec.summary, "the chapter page needs a title and a summary"
-    names = parameter_names(nb)
-    required = COMMON_PARAMETERS | ({"model"} if chapter in OWN_MODEL else SCOPE_PARAMETERS[spec.scope])
-    assert required <= names, f"{spec.path.name}: parameters cell lacks {required - names}"
-    assert nb.cells[0].cell_type == "markdown", "a notebook opens with what its figure shows"
-    stored = [c for c in nb.cells if c.cell_type == "code" and (c.outputs or c.execution_count)]
-    assert not stored, f"{spec.path.name} is committed with outputs; the book driver executes it"
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def test_analysis_layers():
-    assert analysis_layers(30, fast=False) is None
-    assert analysis_layers(30, fast=True) == [0, 10, 20, 29]
-    assert analysis_layers(18, fast=True) == [0, 10, 17]
-    assert analysis_layers(1, fast=True) == [0]
-
-
-def test_save_figure_writes_png_and_svg(tmp_path):
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots()
-    ax.plot([0, 1], [1, 0])
-    ax.set_title(figure_title("tiny", "1 2 3", "error 1e-7"))
-    paths = save_figure(fig, tmp_path / "out", "line")
-    plt.close(fig)
-    assert [p.name for p in paths] == ["line.png", "line.svg"]
-    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "“1 2 3”" in paths[1].read_text()
-
-
-def test_paper_claims_on_a_tiny_model():
-    """Every claim gets a verdict from its measurement; a bias-free random model reconstructs y exactly."""
-    import torch
-    from tiny import IdsTokenizer, tiny_model
-
-    from lllm.analyses.pipeline import analyze
-
-    model = tiny_model("llama", torch.float32, seed=0)
-    analysis = analyze(model, IdsTokenizer(), "1 2 3 4 5", progress=False)
-    table = paper_claims(analysis, float64_error=1e-15)
-    assert table["verdict"].isin(["reproduced", "partly", "not reproduced", "not measured"]).all()
-    verdicts = dict(zip(table["claim"], table["verdict"]))
-    assert verdicts["J⁺ reconstructs y"] == "reproduced"
-    assert verdicts["float64 makes it exact"] == "reproduced"
-    assert verdicts["steering with J⁺ of a concept"] == "not measured"
-    assert paper_claims(analysis, float64_error=1e-7).set_index("claim").loc["float64 makes it exact", "verdict"] \
-        == "not reproduced"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,20 +85,13 @@ def kernel_env(tmp_path_factory):
     print("\nnotebook runtimes (fast, SmolLM2): " + ", ".join(f"{k} {v:.0f} s" for k, v in _TIMINGS.items()))
 
 
-def tiny_loader(name: str, dtype):
-    """A `lllm sweep` loader of a tiny random Llama (the At scale page only reads the sweep's rows)."""
-    from tiny import IdsTokenizer, tiny_model
-
-    return tiny_model("llama", dtype), IdsTokenizer()
-
-
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory):
     """A real sweep (three prompts, every layer) of a tiny model, where the At scale page looks for it."""
     from lllm.apps.sweep import run_sweep
 
     out = tmp_path_factory.mktemp("sweeps")
-    run_sweep("tiny-llama", ["1 2 3", "4 5 6 7", "8 9"], out / "sweep-tiny-llama.parquet", loader=tiny_loader,
+    run_sweep("tiny-llama", ["1 2 3", "4 5 6 7", "8 9"], out / "sweep-tiny-llama.parquet", loader="tiny:tiny_loader",
               progress=False)
     return out
 

@@ -1,24 +1,28 @@
-"""Real shipped weights, offline: the detached Jacobian is exact on every embedded model (issue acceptance 2, 4)."""
+"""Real shipped weights, offline: the detached Jacobian is exact on every embedded model (issue acceptance 2, 4).
 
-import gc
+This is the final-J⁺ exactness test of the embedded models; tests/unit/test_oplevel.py has it on a tiny model of
+every supported architecture.
+"""
+
 import json
 
 import pytest
 import torch
 
 import lllm
-from lllm.io.store import record_to_result
+from lllm.io.codecs import record_to_result
 from lllm.apps.cli import main as lllm_main
 
 PROMPT = "The bridge out of Marin is the"
 MAX_ERROR = {torch.float32: 5e-6, torch.float64: 1e-12}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"])
-def test_embedded_model_reconstructs_exactly(name, dtype, capsys):
-    model, tokenizer = lllm.load(name, dtype=dtype)
+@pytest.mark.parametrize("name, fixture", [pytest.param(name, fixture, id=name) for name, fixture in [
+    ("smollm2-135m", "smollm2"), ("gemma3-270m", "gemma3"), ("qwen2.5-coder-0.5b", "qwen")]])
+def test_embedded_model_reconstructs_exactly(name, fixture, dtype, request, capsys):
+    model, tokenizer = request.getfixturevalue(fixture if dtype == torch.float32 else f"{fixture}_f64")
+    assert model.lllm_source["name"] == name and model.dtype == dtype
     result = lllm.detached_jacobian(model, tokenizer, PROMPT, progress=False)
     top5 = torch.topk(torch.softmax(model.lm_head(result.output).double(), -1), 5)
     with torch.no_grad():  # y is the model's own last hidden state, and its argmax is the model's prediction
@@ -32,12 +36,9 @@ def test_embedded_model_reconstructs_exactly(name, dtype, capsys):
     with capsys.disabled():
         tokens = [(tokenizer.decode([int(i)]), round(float(p), 4)) for p, i in zip(top5.values, top5.indices)]
         print(f"\n{name} {dtype}: error {result.relative_error:.3e}, top-5 {tokens}")
-    del model, result
-    gc.collect()
 
 
-@pytest.mark.slow
-def test_cli_jacobian_prints_and_saves(tmp_path, capsys):
+def test_cli_jacobian_prints_and_saves(cli_smollm2, tmp_path, capsys):
     out = tmp_path / "jac"
     assert lllm_main(["jacobian", "--model", "smollm2-135m", "--prompt", PROMPT, "--no-progress", "--save", str(out)]) == 0
     text = capsys.readouterr().out
@@ -48,10 +49,3 @@ def test_cli_jacobian_prints_and_saves(tmp_path, capsys):
     assert meta["prompt"] == PROMPT and len(meta["token_ids"]) == 7
     assert record_to_result(tensors, meta).relative_error <= 5e-6
     json.dumps(meta)  # the metadata is plain JSON
-
-
-def test_cli_reports_bad_input_as_one_clear_line(capsys):
-    assert lllm_main(["jacobian", "--model", "no-such-model", "--prompt", PROMPT]) == 2
-    assert "lllm: error:" in capsys.readouterr().err
-    assert lllm_main(["jacobian", "--model", "smollm2-135m", "--prompt", "  "]) == 2
-    assert "empty" in capsys.readouterr().err

@@ -296,34 +296,6 @@ def test_decode_svd_bad_input_raises(tiny_result):
         row_col_features(result.jacobian, model, TOKENIZER)
 
 
-# ---------------------------------------------------------------------------------------------
-# One real model: SmolLM2-135M
-# ---------------------------------------------------------------------------------------------
-
-PROMPT = "The bridge out of Marin is the"
-
-
-@pytest.fixture(scope="module")
-def smollm2_result(smollm2):
-    model, tokenizer = smollm2
-    return model, tokenizer, detached_jacobian(model, tokenizer, PROMPT, progress=False)
-
-
-def test_smollm2_decoded_output_is_the_greedy_token(smollm2_result):
-    model, tokenizer, result = smollm2_result
-    with torch.no_grad():
-        logits = model(torch.tensor([result.token_ids])).logits[0, -1]
-    decoded = decode_output(result.output, model, tokenizer, k=3)
-    assert decoded.ids[0] == int(logits.argmax())
-    dec = token_svds(result)[-1]
-    table = decode_svd(dec, model, tokenizer, k_vectors=3, k_tokens=5)
-    print(f"\nSmolLM2 {PROMPT!r} -> {decoded}")
-    print(f"J⁺ of the last token {result.tokens[-1]!r}: stable rank {stable_rank(dec):.3f}, "
-          f"relative error {result.relative_error:.2e}")
-    for row in table:
-        print(f"  σ{row['index']} = {row['singular_value']:.4g}  U: {row['u']['tokens']}  V: {row['v']['tokens']}")
-
-
 def test_left_spectrum_matches_the_full_svd_of_a_wide_matrix():
     gen = torch.Generator().manual_seed(3)
     matrix = torch.randn(24, 200, dtype=torch.float64, generator=gen) * torch.logspace(0, -3, 24, dtype=torch.float64)[:, None]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from lllm.io.models import EMBEDDED_MODELS
+from lllm.io.embedded import EMBEDDED_MODELS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _pyproject() -> dict:

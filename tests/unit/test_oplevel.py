@@ -10,10 +10,9 @@ import lllm
 from lllm.errors import LinearizationError
 from lllm.kernel import oplevel, optable
 from lllm.kernel.layers import COMPONENTS
-from lllm.kernel.oplevel import detached
 from tiny import (
-    ARCHITECTURES, COMMON, FAMILY_CONFIGS, IdsTokenizer, check_architecture, lm_head_reads, randomize, tiny_architecture,
-    tiny_model,
+    ARCHITECTURES, COMMON, FAMILY_CONFIGS, IdsTokenizer, check_architecture, lm_head_reads, randomize,
+    tiny_architecture,
 )
 
 PROMPT = "1 5 9 17 33 41 60 77 80 12"  # 10 tokens: longer than the sliding windows of 4
@@ -24,9 +23,11 @@ MAX_ERROR = {torch.float32: 5e-6, torch.float64: 1e-12}
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_architecture_is_exact_bitwise_and_reads_what_lm_head_reads(arch):
+    """The final-J⁺ exactness test on tiny models (tests/integration/test_real_models.py: on the embedded ones)."""
     row = check_architecture(lambda dtype: tiny_architecture(arch, dtype), IDS)
     assert row["bitwise_forward"]  # (a) the float32 forward, every rewrite active, is the model's own bit for bit
-    assert row["fp32"] <= MAX_ERROR[torch.float32] and row["fp64"] <= MAX_ERROR[torch.float64]  # (b)
+    # (b) exact to rounding; in float64 lllm avoids transformers' float32 norm and softmax, so ~1e-15, not ~1e-8
+    assert row["fp32"] <= MAX_ERROR[torch.float32] and row["fp64"] <= 1e-13
     assert row["ordinary"] >= 1e-2  # (c) the ordinary Jacobian does not reconstruct y
     assert row["y_is_what_lm_head_reads"]  # (e)
     assert row["verdict"] == "exact" and row["frozen_ops"]
@@ -40,6 +41,7 @@ def test_architecture_is_ordinary_again_after_exit_and_c_is_independent_of_y(arc
     # (d) after exit the model is ordinary again: same Jacobian, no hooks, autograd.Function restored
     assert torch.equal(lllm.ordinary_jacobian(model, TOK, PROMPT, progress=False).jacobian, before)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert not any("forward" in m.__dict__ for m in model.modules())  # no instance-level forward left behind
     assert "apply" in torch.autograd.Function.__dict__ and not getattr(model, "_lllm_detached", False)
     # c comes from a JVP over the additive parameters alone, and it matters where there are any
     has_additive = bool(oplevel.additive_parameters(model))
@@ -49,14 +51,13 @@ def test_architecture_is_ordinary_again_after_exit_and_c_is_independent_of_y(arc
         assert lllm.relative_error(result.output, linear_part) > 1e-6
 
 
-def test_gated_mlp_split_is_reported_and_the_other_split_is_exact_too():
+def test_gated_mlp_split_is_reported():
+    """(Both splits exact, with different J⁺: test_families.)"""
     model = tiny_architecture("llama", torch.float64)
     eq8 = lllm.detached_jacobian(model, TOK, PROMPT, progress=False)
     gate = lllm.detached_jacobian(model, TOK, PROMPT, progress=False, mlp_split="gate")
     assert "paper eq. 8" in eq8.meta["linearization"]["split"]
     assert "gate live" in gate.meta["linearization"]["split"]
-    assert gate.relative_error <= 1e-12 and torch.equal(gate.output, eq8.output)
-    assert (gate.jacobian - eq8.jacobian).norm() > 1e-3 * eq8.jacobian.norm()
     oss = lllm.detached_jacobian(tiny_architecture("gpt_oss", torch.float64), TOK, PROMPT, progress=False)
     assert "non-linear factor frozen, activation live" in oss.meta["linearization"]["split"]  # (up + 1)·glu
 

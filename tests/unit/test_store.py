@@ -14,10 +14,8 @@ from tiny import IdsTokenizer, tiny_model
 from lllm import detached_jacobian
 from lllm.io import store
 from lllm.errors import CacheError
-from lllm.io.store import (
-    META_FILE, TENSORS_FILE, ResultCache, computation_fields, load_result, model_identity, record_to_result,
-    result_to_record, save_result,
-)
+from lllm.io.codecs import computation_fields, model_identity, record_to_result, result_to_record
+from lllm.io.store import META_FILE, TENSORS_FILE, ResultCache, load_result, save_result
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

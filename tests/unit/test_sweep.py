@@ -1,69 +1,27 @@
-"""Tests of lllm.apps.sweep on a tiny seeded model: engines agree, a killed sweep resumes, failures are rows."""
+"""lllm.apps.sweep on a tiny seeded model, in this process: the rows are right, reruns compute only what is
+missing, failures are rows, summaries. tests/e2e/test_sweep.py runs it on Dask workers and kills CLI runs."""
 
 from __future__ import annotations
 
+import json
 import math
-import os
-import random
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from tiny import IdsTokenizer, tiny_model
+from tiny import SWEEP_MODEL as MODEL
+from tiny import id_prompts, tiny_loader
+from tiny import tiny_sweep as sweep
 
 from lllm import detached_jacobian
 from lllm.analyses.decompose import per_token_stable_rank, stable_rank
 from lllm.kernel.layers import cumulative_jacobians
 from lllm.apps.sweep import (
-    COMPONENTS, FAST, TIMING_COLUMNS, PartStore, SweepConfig, SweepError, load_sweep, loads_in_process, local_cluster,
-    prompt_id, read_prompts, resolve_layers, run_sweep, stable_rank_long, summarize_sweep,
+    FAST, PartStore, SweepConfig, load_sweep, prompt_id, read_prompts, resolve_layers, run_sweep, stable_rank_long,
+    summarize_sweep,
 )
-
-REPO = Path(__file__).resolve().parent.parent
-LOADER = "test_sweep:tiny_loader"  # importable by Dask workers and CLI subprocesses (tests/ on their path)
-MODEL = "tiny:llama"
-
-
-def tiny_loader(name: str, dtype: torch.dtype):
-    """(model, tokenizer) for "tiny:<family>": seeded, so every process builds the same weights."""
-    return tiny_model(name.removeprefix("tiny:"), dtype, seed=0), IdsTokenizer()
-
-
-class _SlowTokenizer(IdsTokenizer):
-    """IdsTokenizer that sleeps 50 ms per prompt (a model hook would be refused by the class-name adapters)."""
-
-    def __call__(self, text: str):
-        time.sleep(0.05)
-        return super().__call__(text)
-
-
-def slow_tiny_loader(name: str, dtype: torch.dtype):
-    """tiny_loader whose every prompt first sleeps 50 ms, so that a signal lands while prompts are running."""
-    model, _ = tiny_loader(name, dtype)
-    return model, _SlowTokenizer()
-
-
-def id_prompts(n: int, lengths: tuple[int, int], seed: int) -> list[str]:
-    """n distinct prompts of the tiny tokenizer: space-separated token ids."""
-    rng = random.Random(seed)
-    return [" ".join(str(rng.randrange(3, 96)) for _ in range(rng.randint(*lengths))) for _ in range(n)]
-
-
-def _plain(df) -> list[dict]:
-    """Rows as plain Python values (lists, floats, None) without the timing columns, for exact comparison."""
-    return pa.Table.from_pandas(df.drop(columns=list(TIMING_COLUMNS)), preserve_index=False).to_pylist()
-
-
-def sweep(out: Path, prompts, **kw):
-    """run_sweep on the tiny model in float64, one thread, without a progress bar."""
-    return run_sweep(MODEL, prompts, out, loader=LOADER, dtype="float64", threads=1, progress=False, **kw)
+from lllm.errors import SweepError
+from lllm.kernel.layers import COMPONENTS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,91 +99,8 @@ def test_bundled_prompt_set():
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Dask engine == local engine, with one model load per worker process
+# Reruns compute only what is missing
 # ---------------------------------------------------------------------------------------------
-
-
-def test_dask_engine_rows_equal_local_rows_and_each_worker_loads_once(tmp_path):
-    prompts = id_prompts(12, (3, 12), seed=1)
-    local = sweep(tmp_path / "local.parquet", prompts, engine="local", batch_size=2)
-    with local_cluster(2) as cluster:  # 2 worker processes, 1 thread each, on 127.0.0.1, no dashboard
-        dask = sweep(tmp_path / "dask.parquet", prompts, engine="dask", batch_size=2,
-                     scheduler=cluster.scheduler_address)
-        from distributed import Client
-
-        with Client(cluster) as client:
-            loads = client.run(loads_in_process)
-    assert local["error"].isna().all()
-    # same code, same thread count (1): every float is bitwise the same in both engines
-    assert _plain(dask) == _plain(local)
-    key = f"{LOADER}|{MODEL}|float64"
-    per_worker = [info["loads"].get(key, 0) for info in loads.values()]
-    assert len({info["pid"] for info in loads.values()}) == 2 and os.getpid() not in {i["pid"] for i in loads.values()}
-    assert max(per_worker) == 1 and sum(per_worker) >= 1  # 6 batches, at most one load per process
-    assert PartStore(tmp_path / "dask.parquet").runs()[-1]["model_loads"] == loads
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. A killed sweep resumes with only the missing prompts
-# ---------------------------------------------------------------------------------------------
-
-
-def cli_sweep_past_its_first_commit(prompt_file: Path, out: Path, loader: str, *options: str) -> subprocess.Popen:
-    """`lllm sweep` on the tiny model in a subprocess (stderr piped as text), returned once a part is committed."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    cmd = [sys.executable, "-m", "lllm.apps.cli", "sweep", "--model", MODEL, "--loader", loader, "--prompts",
-           str(prompt_file), "--out", str(out), "--dtype", "float64", "--no-progress", *options]
-    # SIGINT as the terminal sends it; a child of a non-interactive shell may inherit it ignored, so restore it
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    store = PartStore(out)
-    deadline = time.monotonic() + 120
-    while not (store.dir.is_dir() and store.parts()) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return proc
-
-
-def test_killed_sweep_resumes_computing_only_missing_prompts(tmp_path):
-    prompts = id_prompts(40, (40, 60), seed=2)
-    prompt_file = tmp_path / "prompts.txt"
-    prompt_file.write_text("# tiny-model prompts\n" + "\n".join(prompts) + "\n")
-    out = tmp_path / "killed.parquet"
-    proc = cli_sweep_past_its_first_commit(prompt_file, out, LOADER)
-    store = PartStore(out)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
-    committed = len(store.read())
-    assert not out.exists() and 1 <= committed < len(prompts), "the kill must land after a commit, before the end"
-
-    resumed = sweep(out, prompt_file)
-    run = store.runs()[-1]
-    assert run["already_done"] == committed and run["computed"] == len(prompts) - committed
-    assert len(store.read()) == len(prompts)  # the parts hold each prompt once: nothing computed twice
-    uninterrupted = sweep(tmp_path / "whole.parquet", prompt_file)
-    assert list(resumed["prompt"]) == prompts and resumed["prompt_id"].is_unique
-    assert _plain(resumed) == _plain(uninterrupted)
-    assert pq.read_table(out).num_rows == len(prompts)
-
-
-@pytest.mark.parametrize("engine", ["local", "dask"])
-def test_ctrl_c_stops_the_sweep_keeps_its_rows_and_the_rerun_completes_it(tmp_path, engine):
-    prompts = id_prompts(12, (3, 6), seed=4)
-    prompt_file = tmp_path / "prompts.txt"
-    prompt_file.write_text("\n".join(prompts) + "\n")
-    out = tmp_path / "interrupted.parquet"
-    proc = cli_sweep_past_its_first_commit(prompt_file, out, "test_sweep:slow_tiny_loader", "--engine", engine)
-    store = PartStore(out)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    committed = len(store.read())
-    assert proc.returncode == 130, err
-    assert not out.exists() and 1 <= committed < len(prompts), "the signal must land after a commit, before the end"
-    assert f"interrupted; {committed} prompts are committed" in err and "Traceback" not in err.split("interrupted")[-1]
-
-    resumed = run_sweep(MODEL, prompt_file, out, loader="test_sweep:slow_tiny_loader", dtype="float64", progress=False)
-    assert store.runs()[-1]["already_done"] == committed
-    assert _plain(resumed) == _plain(sweep(tmp_path / "whole.parquet", prompt_file))  # the sleep changes no number
 
 
 def test_rerun_of_a_finished_sweep_computes_nothing_and_new_prompts_only(tmp_path):
@@ -254,14 +129,12 @@ def test_parts_of_another_config_or_a_second_driver_are_refused(tmp_path):
         holder.close()
 
 
-def _stored_config(out: Path) -> dict:
-    import json
-
+def _stored_config(out) -> dict:
     return json.loads((PartStore(out).dir / PartStore.MANIFEST).read_text())
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. A prompt that raises is a row with its error, and the sweep goes on
+# A prompt that raises is a row with its error, and the sweep goes on
 # ---------------------------------------------------------------------------------------------
 
 
@@ -306,5 +179,5 @@ def test_summary_and_long_form(tmp_path):
 
 def test_a_loader_that_does_not_resolve_is_refused_before_any_prompt(tmp_path):
     with pytest.raises(SweepError, match="not an importable module:function"):
-        run_sweep(MODEL, ["3 4 5"], tmp_path / "s.parquet", loader="test_sweep:no_such_loader", progress=False)
+        run_sweep(MODEL, ["3 4 5"], tmp_path / "s.parquet", loader="tiny:no_such_loader", progress=False)
     assert PartStore(tmp_path / "s.parquet").parts() == []

@@ -1,0 +1,39 @@
+"""The paper notebooks' contract with `lllm book`, read from the files (tests/e2e/test_notebooks.py runs them)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from lllm.apps.book import SCOPES, discover
+
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+COMMON_PARAMETERS = {"prompt", "dtype", "output_dir", "fast"}
+SCOPE_PARAMETERS = {"per_model": {"model"}, "all_models": {"models"}}
+# figa1 is about one model (DeepSeek-R1's Qwen 3 distill), not the book's list: it runs once, on `model`.
+OWN_MODEL = {"figa1"}
+SPECS = {spec.chapter: spec for spec in discover(NOTEBOOKS)}
+
+
+def parameter_names(nb) -> set[str]:
+    """Names assigned in the notebook's `parameters` cell."""
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    return {target.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+            for target in node.targets if isinstance(target, ast.Name)}
+
+
+@pytest.mark.parametrize("chapter", sorted(SPECS))
+def test_notebook_metadata_and_parameters(chapter):
+    spec = SPECS[chapter]
+    nb = nbformat.read(spec.path, as_version=4)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    assert spec.scope in SCOPES and spec.title and spec.summary, "the chapter page needs a title and a summary"
+    names = parameter_names(nb)
+    required = COMMON_PARAMETERS | ({"model"} if chapter in OWN_MODEL else SCOPE_PARAMETERS[spec.scope])
+    assert required <= names, f"{spec.path.name}: parameters cell lacks {required - names}"
+    assert nb.cells[0].cell_type == "markdown", "a notebook opens with what its figure shows"
+    stored = [c for c in nb.cells if c.cell_type == "code" and (c.outputs or c.execution_count)]
+    assert not stored, f"{spec.path.name} is committed with outputs; the book driver executes it"

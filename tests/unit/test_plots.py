@@ -1,0 +1,87 @@
+"""The notebooks' helpers in lllm.apps.plots: fast-configuration layers, figure files, and the verdicts of the
+"Paper vs. this book" table."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import matplotlib
+import pytest
+import torch
+from tiny import IdsTokenizer, tiny_model
+
+from lllm.analyses.pipeline import analyze
+from lllm.analyses.steering import SteeringResult
+from lllm.apps.plots import analysis_layers, figure_title, paper_claims, save_figure
+
+matplotlib.use("Agg")
+
+
+def test_analysis_layers():
+    assert analysis_layers(30, fast=False) is None
+    assert analysis_layers(30, fast=True) == [0, 10, 20, 29]
+    assert analysis_layers(18, fast=True) == [0, 10, 17]
+    assert analysis_layers(1, fast=True) == [0]
+
+
+def test_save_figure_writes_png_and_svg(tmp_path):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    ax.set_title(figure_title("tiny", "1 2 3", "error 1e-7"))
+    paths = save_figure(fig, tmp_path / "out", "line")
+    plt.close(fig)
+    assert [p.name for p in paths] == ["line.png", "line.svg"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "“1 2 3”" in paths[1].read_text()
+
+
+def _sweep(steered: bool, unchanged_at_one: bool = True) -> list[SteeringResult]:
+    """One prompt's λ sweep (λ = 1, then λ = 0) toward "Golden": whether λ = 0 brings the word in, and whether
+    λ = 1 leaves the continuation as it was."""
+    normal = "Here is a painting of the sea"
+
+    def result(lam: float, ids: list[int], text: str) -> SteeringResult:
+        return SteeringResult("The Golden", "Here is a painting of the", 1, lam, [1, 2], [7], ids, normal, text)
+
+    return [result(1.0, [7] if unchanged_at_one else [8], normal if unchanged_at_one else normal + " wall"),
+            result(0.0, [9], "Here is a painting of the Golden" if steered else normal)]
+
+
+@pytest.fixture(scope="module")
+def tiny_analysis():
+    """The per-prompt analysis of a bias-free tiny Llama in float32 (relative error of J⁺ ≈ 6e-7, d = 32)."""
+    return analyze(tiny_model("llama", torch.float32, seed=0), IdsTokenizer(), "1 2 3 4 5", progress=False)
+
+
+CLAIM_CASES = [
+    # the tiny model's own measurement: a bias-free random model reconstructs y exactly
+    ("J⁺ reconstructs y", {}, {}, "reproduced"),
+    ("J⁺ reconstructs y", {"relative_error": 9e-6}, {}, "reproduced"),  # threshold 1e-5 in float32
+    ("J⁺ reconstructs y", {"relative_error": 2e-5}, {}, "not reproduced"),
+    ("float64 makes it exact", {}, {}, "not measured"),
+    ("float64 makes it exact", {}, {"float64_error": 9e-13}, "reproduced"),  # threshold 1e-12
+    ("float64 makes it exact", {}, {"float64_error": 2e-12}, "not reproduced"),
+    ("the ordinary J does not", {"ordinary_relative_error": 0.2}, {}, "reproduced"),  # > 0.1
+    ("the ordinary J does not", {"relative_error": 1e-6, "ordinary_relative_error": 0.05}, {}, "partly"),  # > 1e3·err
+    ("the ordinary J does not", {"relative_error": 1e-6, "ordinary_relative_error": 5e-4}, {}, "not reproduced"),
+    ("J⁺ᵢ are extremely low rank", {"token_stable_rank": [0.2, 0.3]}, {}, "reproduced"),  # < 1% of d = 32
+    ("J⁺ᵢ are extremely low rank", {"token_stable_rank": [1.7, 3.1]}, {}, "partly"),  # < 10% of d
+    ("J⁺ᵢ are extremely low rank", {"token_stable_rank": [1.7, 3.3]}, {}, "not reproduced"),
+    ("steering with J⁺ of a concept", {}, {}, "not measured"),
+    ("steering with J⁺ of a concept", {}, {"steering": [_sweep(True), _sweep(True)]}, "reproduced"),
+    ("steering with J⁺ of a concept", {}, {"steering": [_sweep(True), _sweep(False)]}, "partly"),
+    ("steering with J⁺ of a concept", {}, {"steering": [_sweep(True), _sweep(True, unchanged_at_one=False)]},
+     "partly"),
+    ("steering with J⁺ of a concept", {}, {"steering": [_sweep(False), _sweep(False)]}, "not reproduced"),
+]
+
+
+@pytest.mark.parametrize("claim, meta, options, verdict", CLAIM_CASES,
+                         ids=[f"{case[0]}: {case[3]} {i}" for i, case in enumerate(CLAIM_CASES)])
+def test_paper_claims_verdicts_follow_the_measurements(tiny_analysis, claim, meta, options, verdict):
+    """A verdict from measurements on either side of the claim's threshold (none measured: "not measured")."""
+    analysis = dataclasses.replace(tiny_analysis, meta={**tiny_analysis.meta, **meta})
+    table = paper_claims(analysis, **options).set_index("claim")
+    assert table.loc[claim, "verdict"] == verdict, table.loc[claim, "measured"]
