@@ -1,8 +1,9 @@
 """Decompositions and token decodings of detached Jacobians: the numbers behind paper Figs 4–6, Tables 1–3.
 
-- `svd`, `token_svds`, `combined_svd`: singular value decompositions with a fixed sign convention
-  (singular vectors are defined only up to sign; see `svd`).
-- `stable_rank`, `per_token_stable_rank`: R = Σ S² / S²_max (paper §3.6).
+- `token_svds`, `combined_svd`: SVDs of the blocks J⁺ᵢ and of [J⁺₀ … J⁺_T], with the sign convention of
+  `lllm.kernel.svd.svd` (singular vectors are defined only up to sign); `left_spectrum` from the Gram matrix.
+- `stable_rank`, `per_token_stable_rank`: R = Σ S² / S²_max (paper §3.6); `stable_ranks_wide` from ‖J‖²_F
+  and σ_max alone.
 - `decode_output`: output-space vector → tokens through lm_head (logit lens; optionally the final
   norm first, for residual-stream vectors of intermediate layers).
 - `decode_input`: input-space vector → tokens by cosine nearest neighbour among input embeddings.

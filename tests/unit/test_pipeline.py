@@ -19,6 +19,16 @@ from lllm.io.store import ResultCache
 PROMPT = "5 17 33 8 61 2 40"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The sweep computes with one torch thread per process; so do these comparisons (thread counts change the
+    order of float reductions, hence the last bits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_loader(SWEEP_MODEL, torch.float64)

@@ -105,8 +105,18 @@ def loads_in_process() -> dict[str, Any]:
 
 
 def _run_batch(config: SweepConfig, batch: list[str], threads: int) -> list[dict[str, Any]]:
-    """Rows of a batch of prompts; a prompt that raises gets its error in its row."""
+    """Rows of a batch of prompts; a prompt that raises gets its error in its row. Runs with `threads` torch threads
+    (the same float operations in every process), restoring the caller's setting after."""
+    caller_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _rows(config, batch)
+    finally:
+        torch.set_num_threads(caller_threads)
+
+
+def _rows(config: SweepConfig, batch: list[str]) -> list[dict[str, Any]]:
+    """The rows of a batch, in this process's torch threads."""
     model, tokenizer = _cached_model(config)
     source = getattr(model, "lllm_source", None) or {}
     rows = []
