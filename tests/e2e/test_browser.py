@@ -1,4 +1,5 @@
-"""The built book in headless Chromium: pages render, images load, MathJax typesets, nothing leaves the machine.
+"""The built book in headless Chromium: pages render, images load, MathJax typesets, nothing leaves the machine,
+and a reader at 1280 × 800 sees results first: code collapsed, nothing wider than the page, no machine paths.
 
 Serves book/_build/html on 127.0.0.1 from a background thread and drives Debian's Chromium through
 Playwright. It checks the test book (tests/tiny_book.py, fixture `built_book`: tiny-model notebooks), and also the
@@ -69,7 +70,7 @@ def is_local(url: str) -> bool:
 
 def open_page(browser, url: str) -> tuple:
     """(page, every requested URL, the non-local ones, JS errors) after `url` loaded and MathJax finished."""
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
     requested, external, errors = [], [], []
 
     def route(route):
@@ -95,8 +96,9 @@ def open_page(browser, url: str) -> tuple:
     return page, requested, external, errors
 
 
-def check_page(browser, url: str, *, min_images: int, min_math: int):
-    """Open `url` and assert that it rendered completely and locally; the page, for a screenshot."""
+def check_page(browser, url: str, *, min_images: int, min_math: int, machine_paths: tuple[str, ...] = ()):
+    """Open `url` and assert that it rendered completely and locally, readable at page width, with its code
+    collapsed and none of `machine_paths` in its text; the page, for a screenshot."""
     page, requested, external, errors = open_page(browser, url)
     assert not external, f"{url} tried to reach other machines: {external}"
     assert requested and all(is_local(r) for r in requested)
@@ -110,6 +112,16 @@ def check_page(browser, url: str, *, min_images: int, min_math: int):
     text = page.inner_text("article")
     for raw in ("$$", "\\(", "\\[", "\\begin{"):
         assert raw not in text, f"{url}: untypeset math {raw!r} is visible"
+    widths = page.evaluate("""() => {
+        const column = document.querySelector('.bd-article') || document.querySelector('article');
+        return [column.scrollWidth, column.clientWidth, document.documentElement.scrollWidth, window.innerWidth]; }""")
+    assert widths[0] <= widths[1] + 1 and widths[2] <= widths[3], f"{url}: content wider than the page: {widths}"
+    cells = page.locator("div.cell_input")
+    shown_code = sum(cells.nth(i).is_visible() for i in range(cells.count()))  # collapsed: inside a closed <details>
+    assert shown_code == 0, f"{url}: {shown_code} code cells are shown before the reader asks for them"
+    source = page.text_content("article")  # collapsed code included: a reader may open it
+    for path in machine_paths:
+        assert path not in source, f"{url}: the page shows a path of the build machine ({path})"
     return page
 
 
@@ -131,10 +143,11 @@ def screenshot(page, name: str) -> Path:
 def test_test_book_renders_offline(built_book, serve, browser):
     assert built_book["report"].built, "\n".join(built_book["report"].build_errors)
     base = serve(built_book["book_dir"] / "_build" / "html")
-    check_page(browser, base + "index.html", min_images=0, min_math=2)
-    check_page(browser, base + "method.html", min_images=0, min_math=20)
-    check_page(browser, base + "generated/compare/all-models.html", min_images=1, min_math=1)
-    page = check_page(browser, base + "generated/tiny-figure/tiny.html", min_images=1, min_math=2)
+    paths = (str(built_book["book_dir"]), str(REPO))
+    check_page(browser, base + "index.html", min_images=0, min_math=2, machine_paths=paths)
+    check_page(browser, base + "method.html", min_images=0, min_math=20, machine_paths=paths)
+    check_page(browser, base + "generated/compare/all-models.html", min_images=1, min_math=1, machine_paths=paths)
+    page = check_page(browser, base + "generated/tiny-figure/tiny.html", min_images=1, min_math=2, machine_paths=paths)
     assert screenshot(page, "test-book-figure").stat().st_size > 10_000
 
 
@@ -143,9 +156,10 @@ def test_test_book_renders_offline(built_book, serve, browser):
 def test_repository_book_renders_offline(serve, browser):
     html = REPO / "book" / "_build" / "html"
     base = serve(html)
-    check_page(browser, base + "index.html", min_images=0, min_math=2)
+    check_page(browser, base + "index.html", min_images=0, min_math=2, machine_paths=(str(REPO),))
     pages = figure_pages(html)
     assert pages, "the built book has no executed notebook with a figure"
     for path in pages:  # a screenshot of each, e.g. book/_build/screenshots/fig3-smollm2-135m.png
-        page = check_page(browser, base + path.relative_to(html).as_posix(), min_images=1, min_math=0)
+        page = check_page(browser, base + path.relative_to(html).as_posix(), min_images=1, min_math=0,
+                          machine_paths=(str(REPO),))
         screenshot(page, f"{path.parent.name}-{path.stem}")

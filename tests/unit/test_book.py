@@ -146,3 +146,17 @@ def test_code_fingerprint_covers_lllm_but_not_the_driver(monkeypatch):
     assert fingerprint.startswith(lllm.__version__ + "+") and fingerprint == book.code_fingerprint()
     monkeypatch.setattr(book_runs, "DRIVER_MODULES", ())  # now the driver's modules count as notebook inputs
     assert book.code_fingerprint() != fingerprint
+
+
+def test_a_chapter_page_opens_with_what_the_paper_shows(tmp_path):
+    from lllm.apps.book.notebooks import NotebookSpec
+    from lllm.apps.book.site import chapter_page
+
+    spec = NotebookSpec(path=tmp_path / "fig9.ipynb", chapter="fig9", title="Figure 9: a test", order=9,
+                        scope="per_model", summary="What this page computes.",
+                        paper=("Fig. 9", "The  spectra are\n extremely low rank."))
+    page = chapter_page(spec, [], [], "The Golden", "float32", False)
+    assert page.index("> The spectra are extremely low rank.") < page.index("What this page computes.")
+    assert "**What the paper shows** (Fig. 9)" in page
+    plain = chapter_page(NotebookSpec(**{**spec.__dict__, "paper": None}), [], [], "The Golden", "float32", False)
+    assert "What the paper shows" not in plain

@@ -37,3 +37,20 @@ def test_notebook_metadata_and_parameters(chapter):
     assert nb.cells[0].cell_type == "markdown", "a notebook opens with what its figure shows"
     stored = [c for c in nb.cells if c.cell_type == "code" and (c.outputs or c.execution_count)]
     assert not stored, f"{spec.path.name} is committed with outputs; the book driver executes it"
+
+
+PAPER = NOTEBOOKS.parents[1] / "shared" / "paper.txt"  # the paper's text, beside the checkout where it is kept
+FIGURE_PAGES = {"fig2", "fig3", "fig4", "fig5", "fig6", "tables1_3", "table4"}
+
+
+def test_every_figure_and_table_page_says_what_the_paper_shows():
+    assert {c for c, spec in SPECS.items() if spec.paper is not None} >= FIGURE_PAGES
+
+
+@pytest.mark.skipif(not PAPER.exists(), reason=f"the paper's text is not at {PAPER}")
+@pytest.mark.parametrize("chapter", sorted(FIGURE_PAGES))
+def test_the_paper_is_quoted_verbatim(chapter):
+    words = lambda text: " ".join(text.split())  # noqa: E731  (line breaks and double spaces do not count)
+    where, quote = SPECS[chapter].paper
+    assert words(quote) in words(PAPER.read_text()), f"{chapter}: {quote!r} is not the paper's wording"
+    assert where.startswith(("Fig. ", "Table ", "Sec. "))

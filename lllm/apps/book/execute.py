@@ -128,7 +128,7 @@ def execute(run: Run) -> Failure | None:
     from papermill.exceptions import PapermillExecutionError
 
     run.output.parent.mkdir(parents=True, exist_ok=True)
-    Path(run.parameters["output_dir"]).mkdir(parents=True, exist_ok=True)
+    run.figures.mkdir(parents=True, exist_ok=True)
     run.record.unlink(missing_ok=True)  # an interrupted or failed execution must never count as unchanged
     start = time.perf_counter()
     try:
@@ -149,11 +149,25 @@ def execute(run: Run) -> Failure | None:
             notebook=run.notebook.path.name, chapter=run.notebook.chapter, model=run.model, cell_index=None,
             execution_count=None, cell_source="", error=f"{type(err).__name__}: {err}", output=run.output,
         )
+    hide_code(run.output)
     record = {"key": run.key, "notebook": run.notebook.path.name, "parameters": run.parameters,
               "seconds": round(time.perf_counter() - start, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "outputs": output_digests(run)}
     run.record.write_text(json.dumps(record, indent=1) + "\n")
     return None
+
+
+def hide_code(path: Path) -> None:
+    """Collapse every code cell's source on the rendered page (Jupyter Book's hide-input: the reader sees prose,
+    figures and tables first, the code one click away); the notebook still runs unchanged under papermill."""
+    import nbformat
+
+    notebook = nbformat.read(path, as_version=4)
+    for cell in notebook.cells:
+        tags = cell.metadata.setdefault("tags", [])
+        if cell.cell_type == "code" and not any(t.startswith(("hide-", "remove-")) for t in tags):
+            tags.append("hide-input")
+    nbformat.write(notebook, path)
 
 
 def _source_cell_index(path: Path, source: str) -> int | None:

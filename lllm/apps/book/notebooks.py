@@ -74,6 +74,7 @@ class NotebookSpec:
     summary: str  # the chapter page's text: metadata "summary", else the first markdown cell
     reads: tuple[str, ...] = ()  # glob patterns (from the notebook's directory) of data files made elsewhere
     parameters: frozenset[str] = frozenset()  # names assigned in its `parameters` cell
+    paper: tuple[str, str] | None = None  # (where, the paper's own words): what the paper shows for this page
 
 
 def discover(notebooks_dir: Path) -> list[NotebookSpec]:
@@ -128,9 +129,15 @@ def _spec_from_metadata(path: Path, nb) -> NotebookSpec:
     reads = meta.get("reads", [])
     if not (isinstance(reads, list) and all(isinstance(r, str) and r for r in reads)):
         raise NotebookMetadataError(f"{path}: 'reads' {reads!r} must be a list of glob patterns")
+    paper = meta.get("paper")
+    if paper is not None and not (isinstance(paper, dict) and all(isinstance(paper.get(k), str) and paper[k]
+                                                                  for k in ("where", "quote"))):
+        raise NotebookMetadataError(f"{path}: 'paper' {paper!r} must be {{\"where\": \"Fig. 3\", \"quote\": "
+                                    "\"the paper's own words\"}")
     summary = meta.get("summary") or _first_markdown_text(nb)
     return NotebookSpec(path=path.resolve(), chapter=chapter, title=str(meta["title"]), order=float(meta["order"]),
-                        scope=scope, summary=summary, reads=tuple(reads), parameters=names)
+                        scope=scope, summary=summary, reads=tuple(reads), parameters=names,
+                        paper=None if paper is None else (paper["where"], paper["quote"]))
 
 
 def _first_markdown_text(nb) -> str:

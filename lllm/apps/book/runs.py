@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,11 @@ class Run:
     def label(self) -> str:
         """'chapter × model', how progress and failures name this run."""
         return f"{self.notebook.chapter} × {self.model or 'all models'}"
+
+    @property
+    def figures(self) -> Path:
+        """Where the run writes its figure files: output_dir, which is relative to the notebook's directory."""
+        return (self.notebook.path.parent / self.parameters["output_dir"]).resolve()
 
     @property
     def record(self) -> Path:
@@ -113,7 +119,8 @@ def plan(
             # an all-models notebook about one fixed model of its own (figa1) does not declare `models`
             own = {"model": model} if model is not None else (
                 {"models": list(models)} if "models" in spec.parameters else {})
-            parameters = {**own, **common, "output_dir": str(figures)}
+            # relative to the notebook's directory, where papermill runs it: no machine path on the rendered page
+            parameters = {**own, **common, "output_dir": os.path.relpath(figures, spec.path.parent.resolve())}
             # the key uses output_dir relative to the book, so that moving the checkout re-runs nothing
             hashed = {**parameters, "output_dir": str(figures.relative_to(generated))}
             key = hashlib.sha256(
@@ -141,7 +148,7 @@ def is_unchanged(run: Run) -> bool:
 
 def output_digests(run: Run) -> dict[str, str]:
     """sha256 of the executed notebook and of every file its run wrote into its output directory."""
-    figures = Path(run.parameters["output_dir"])
+    figures = run.figures
     digests = {run.output.name: hashlib.sha256(run.output.read_bytes()).hexdigest()}
     for path in sorted(p for p in figures.rglob("*") if p.is_file()):  # keyed relative: a moved checkout re-runs nothing
         digests[f"output_dir/{path.relative_to(figures)}"] = hashlib.sha256(path.read_bytes()).hexdigest()

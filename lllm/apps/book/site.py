@@ -28,6 +28,9 @@ def chapter_page(spec: NotebookSpec, runs: Sequence[Run], failures: Sequence[Fai
     shown = [r.model or "all models" for r in runs]
     config = f"prompt `{prompt}`, {dtype}" + (", fast configuration (fewer layers and tokens)" if fast else "")
     lines = [f"# {spec.title}", ""]
+    if spec.paper is not None:  # what the paper shows comes first, in its own words
+        where, quote = spec.paper
+        lines += [f"**What the paper shows** ({where}):", "", f"> {' '.join(quote.split())}", ""]
     if spec.summary:
         lines += [spec.summary, ""]
     lines.append(f"Notebook `{spec.path.name}`, executed by `lllm book` with {config}.")

@@ -1,0 +1,63 @@
+"""The sentence that closes a figure page: what this page's numbers say, set beside what the paper reports.
+
+Every number is read from the analysis the page drew; nothing is typed in. Each function returns markdown.
+"""
+
+from __future__ import annotations
+
+from lllm.analyses.pipeline import PromptAnalysis
+from lllm.apps.plots import predicted_token, token_text
+
+FLOAT32_PAPER_ERROR = 1e-5  # "on the order of 10⁻⁶ for float32" (Fig. 3): an order above still reads as that order
+
+
+def _where(model_label: str, dtype: str) -> str:
+    return f"On {model_label} in {dtype}"
+
+
+def reconstruction(analysis: PromptAnalysis, model_label: str, dtype: str) -> str:
+    """Fig 3: the detached and the ordinary Jacobian's reconstruction errors, against the paper's order."""
+    error, ordinary = analysis.meta["relative_error"], analysis.meta["ordinary_relative_error"]
+    agrees = dtype != "float32" or error <= FLOAT32_PAPER_ERROR
+    verdict = ("as the paper's Fig. 3 reports for float32 (on the order of 10⁻⁶)" if dtype == "float32" and agrees
+               else "above the paper's order of 10⁻⁶ for float32" if not agrees
+               else f"in {dtype}, where the paper gives no figure")
+    return (f"**Reading.** {_where(model_label, dtype)}, the detached Jacobian reconstructs $y$ with relative error "
+            f"{error:.1e}, {verdict}; the ordinary Jacobian's reconstruction is off by {ordinary:.2g}, so its points "
+            f"leave the identity line{' as in the paper' if ordinary > 100 * error else ''}.")
+
+
+def spectra(analysis: PromptAnalysis, model_label: str, dtype: str) -> str:
+    """Fig 4B: how low rank the per-token J⁺ᵢ are, and what the last token's top singular vector decodes to."""
+    ranks = analysis.meta["token_stable_rank"]
+    first_u = analysis.meta["token_decodings"][-1][0]["u"]["tokens"][0]
+    prediction = predicted_token(analysis)
+    same = first_u.strip() == prediction.strip()
+    return (f"**Reading.** {_where(model_label, dtype)}, the stable rank of the matrices $J^+_i$ ranges from "
+            f"{min(ranks):.2f} to {max(ranks):.2f} (of a possible {analysis.final.jacobian.shape[0]}): extremely low "
+            f"rank, as in the paper's Fig. 4B. The last token's top left singular vector $u_1$ decodes to "
+            f"{token_text(first_u)!r}, {'the' if same else 'not the'} predicted token {token_text(prediction)!r}; "
+            "in the paper $U$ decodes to candidate predictions.")
+
+
+def depth(analysis: PromptAnalysis, model_label: str, dtype: str) -> str:
+    """Fig 6C: the cumulative stable rank of the layer outputs from the first to the last analysed layer."""
+    layers, ranks = analysis.layers, analysis.stable_ranks("cumulative")["layer"]
+    peak = max(range(len(ranks)), key=ranks.__getitem__)
+    direction = "falls" if ranks[-1] < ranks[0] else "rises"
+    return (f"**Reading.** {_where(model_label, dtype)}, the cumulative stable rank of the layer output {direction} "
+            f"from {ranks[0]:.2f} at layer {layers[0]} to {ranks[-1]:.2f} at layer {layers[-1]}, with its largest "
+            f"value, {ranks[peak]:.2f}, at layer {layers[peak]}. The paper's Fig. 6C sees it decrease deeper into the "
+            "network (Llama 3.2 3B).")
+
+
+def emergence(analysis: PromptAnalysis, model_label: str, dtype: str) -> str:
+    """Tables 1–3: the first analysed layer whose top singular vectors decode to the predicted token."""
+    prediction = predicted_token(analysis).strip()
+    found = [ell for ell, row in zip(analysis.layers, analysis.meta["layer_decodings"])
+             if any(entry["tokens"][0].strip() == prediction for entry in row)]
+    where = (f"first appears among the top three decoded singular vectors at layer {found[0]} of "
+             f"{analysis.layers[-1] + 1}" if found else "does not appear among the top three decoded singular vectors "
+             "of any analysed layer")
+    return (f"**Reading.** {_where(model_label, dtype)}, the predicted token {token_text(prediction)!r} {where}. "
+            "In the paper the prediction emerges in the later layers (“only” in layer 19 of Llama 3.2 3B's 28).")

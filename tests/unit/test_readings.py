@@ -1,0 +1,60 @@
+"""The closing sentence of a figure page reads this page's numbers and compares them with the paper's."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from tiny import SWEEP_MODEL, tiny_loader
+
+from lllm.analyses.pipeline import analyze
+from lllm.apps import readings
+
+PROMPT = "5 17 33 8 61 2 40"
+
+
+@pytest.fixture(scope="module")
+def analysis():
+    model, tok = tiny_loader(SWEEP_MODEL, torch.float32)
+    return analyze(model, tok, PROMPT, progress=False)
+
+
+def with_meta(analysis, **changes):
+    meta = copy.deepcopy(analysis.meta)
+    meta.update(changes)
+    return dataclasses.replace(analysis, meta=meta)
+
+
+def test_reconstruction_reads_the_errors_and_the_papers_order(analysis):
+    text = readings.reconstruction(analysis, "tiny", "float32")
+    assert f"{analysis.meta['relative_error']:.1e}" in text and "as the paper's Fig. 3 reports" in text
+    worse = readings.reconstruction(with_meta(analysis, relative_error=3e-4), "tiny", "float32")
+    assert "3.0e-04" in worse and "above the paper's order" in worse
+
+
+def test_depth_reads_the_first_last_and_largest_stable_rank(analysis):
+    ranks = analysis.stable_ranks("cumulative")["layer"]
+    text = readings.depth(analysis, "tiny", "float32")
+    assert f"from {ranks[0]:.2f} at layer {analysis.layers[0]} to {ranks[-1]:.2f}" in text
+    assert ("falls" if ranks[-1] < ranks[0] else "rises") in text
+    assert f"{max(ranks):.2f}" in text
+
+
+def test_emergence_finds_the_first_layer_that_decodes_the_prediction(analysis):
+    prediction = analysis.meta["next_tokens"][0]["token"]
+    rows = copy.deepcopy(analysis.meta["layer_decodings"])
+    for row in rows:
+        for entry in row:
+            entry["tokens"] = ["<none>"]
+    assert "does not appear" in readings.emergence(with_meta(analysis, layer_decodings=rows), "tiny", "float32")
+    rows[-1][1]["tokens"] = [prediction]
+    text = readings.emergence(with_meta(analysis, layer_decodings=rows), "tiny", "float32")
+    assert f"first appears among the top three decoded singular vectors at layer {analysis.layers[-1]}" in text
+
+
+def test_spectra_reads_the_stable_ranks_and_the_top_vector(analysis):
+    text = readings.spectra(analysis, "tiny", "float32")
+    ranks = analysis.meta["token_stable_rank"]
+    assert f"from {min(ranks):.2f} to {max(ranks):.2f}" in text
