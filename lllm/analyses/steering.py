@@ -223,11 +223,20 @@ class SteeringResult:
     steered_ids: list[int]
     normal_text: str  # the prompt and its normal continuation, decoded together
     steered_text: str  # the prompt and its steered continuation
+    normal_continuation: str = ""  # only the generated tokens, as they read after the decoded prompt
+    steered_continuation: str = ""
 
     @property
     def changed(self) -> bool:
         """Whether steering changed any generated token."""
         return self.normal_ids != self.steered_ids
+
+
+def continuation_text(tokenizer, prompt_ids: Sequence[int], generated: Sequence[int]) -> str:
+    """The generated tokens as they read after the prompt: the decoded whole minus the decoded prompt ids (which hold
+    what the tokenizer added, a <bos> for one, so slicing by the prompt string's length would cut the wrong place)."""
+    head, whole = tokenizer.decode(list(prompt_ids)), tokenizer.decode(list(prompt_ids) + list(generated))
+    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(list(generated))
 
 
 def lambda_sweep(
@@ -255,6 +264,8 @@ def lambda_sweep(
             concept=concept_text, prompt=prompt_text, layer=operator.layer, lam=lam, prompt_ids=prompt_ids,
             normal_ids=normal, steered_ids=steered, normal_text=tokenizer.decode(prompt_ids + normal),
             steered_text=tokenizer.decode(prompt_ids + steered),
+            normal_continuation=continuation_text(tokenizer, prompt_ids, normal),
+            steered_continuation=continuation_text(tokenizer, prompt_ids, steered),
         ))
     return results
 

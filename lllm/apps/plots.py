@@ -87,7 +87,8 @@ def cached_lambda_sweep(
 ) -> list[SteeringResult]:
     """`lllm.analyses.steering.lambda_sweep` through the results cache: one SteeringResult per λ."""
     layer = default_layer(model) if layer is None else layer
-    options = {"concept": concept, "lams": [float(lam) for lam in lams], "layer": layer, "n_tokens": n_tokens}
+    options = {"concept": concept, "lams": [float(lam) for lam in lams], "layer": layer, "n_tokens": n_tokens,
+               "format": 2}  # 2: with the continuations alone (decoded after the prompt's own ids)
 
     def compute() -> tuple[dict, dict]:
         results = lambda_sweep(model, tokenizer, concept, prompt, lams, layer=layer, n_tokens=n_tokens)

@@ -42,6 +42,6 @@ def continuations_table(sweeps: Mapping[str, Sequence[SteeringResult]]) -> pd.Da
     """Table 4: per prompt, its normal continuation, then the steered one of every λ; indexed by (prompt, λ)."""
     rows = []
     for prompt, sweep in sweeps.items():  # the texts hold the prompt: show only what was generated
-        rows.append({"prompt": prompt, "λ": "normal", "continuation": sweep[0].normal_text[len(prompt):]})
-        rows += [{"prompt": prompt, "λ": f"{r.lam:g}", "continuation": r.steered_text[len(prompt):]} for r in sweep]
+        rows.append({"prompt": prompt, "λ": "normal", "continuation": sweep[0].normal_continuation})
+        rows += [{"prompt": prompt, "λ": f"{r.lam:g}", "continuation": r.steered_continuation} for r in sweep]
     return pd.DataFrame(rows).set_index(["prompt", "λ"])

@@ -166,3 +166,27 @@ def test_bad_input_is_refused():
         steer(model, TOKENIZER, CONCEPT, [1, 2], lam=0.5, n_tokens=0)
     with pytest.raises(LLLMError):
         sweep_table([])
+
+
+class BosTokenizer(IdsTokenizer):
+    """Adds a BOS token (id 1) to every prompt, as Gemma's, Llama 3's and DeepSeek's tokenizers do."""
+
+    def __call__(self, text: str):
+        return {"input_ids": [1] + super().__call__(text)["input_ids"]}
+
+    def decode(self, ids):
+        return "".join("<bos>" if i == 1 else f" w{i}" for i in ids)
+
+
+def test_table4_continuations_start_with_the_first_generated_token_after_a_bos():
+    """The decoded prompt holds the tokenizer's <bos>: slicing by the prompt string's length cut the continuation
+    in the middle of a token ("e the…" on Gemma); it is what follows the decoded prompt ids."""
+    from lllm.apps.steering_tables import continuations_table
+
+    prompt = "3 4 5"
+    sweep = lambda_sweep(tiny_model("llama", torch.float64), BosTokenizer(), CONCEPT, prompt, lams=(1.0, 0.0),
+                         n_tokens=3)
+    table = continuations_table({prompt: sweep})
+    assert table.loc[(prompt, "normal"), "continuation"] == "".join(f" w{i}" for i in sweep[0].normal_ids)
+    for r in sweep:
+        assert table.loc[(prompt, f"{r.lam:g}"), "continuation"] == "".join(f" w{i}" for i in r.steered_ids)
