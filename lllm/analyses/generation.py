@@ -49,6 +49,7 @@ class GenerationResult:
     prompt_ids: list[int]
     steps: list[GenerationStep]
     text: str  # the prompt and the generated tokens, decoded together
+    start: str = ""  # what generation started from, in words ("the BOS token '<bos>'", "the prompt '…'")
 
     @property
     def token_ids(self) -> list[int]:
@@ -66,14 +67,23 @@ class GenerationResult:
         return [step.probability for step in self.steps]
 
 
+def document_start(tokenizer) -> tuple[list[int], str]:
+    """The minimal prompt of Fig. 2 and what it is in words: [BOS]; for a tokenizer without one (Qwen 2.5 and 3 have
+    `bos_token: null`), its end-of-text token, which ends every pretraining document, so the next one starts there."""
+    kinds = (("bos_token_id", "the BOS token"),
+             ("eos_token_id", "the end-of-text token, after which a document starts (this tokenizer has no BOS token)"))
+    for attribute, what in kinds:
+        token_id = getattr(tokenizer, attribute, None)
+        if isinstance(token_id, (list, tuple)):  # some configs list several end tokens: the first is the document's
+            token_id = token_id[0] if token_id else None
+        if token_id is not None:
+            return [int(token_id)], f"{what} {tokenizer.decode([int(token_id)])!r}"
+    raise PromptError("this tokenizer has neither a BOS nor an end-of-text token to start from; pass a prompt")
+
+
 def start_ids(tokenizer, prompt_or_ids: str | Sequence[int] | torch.Tensor | None) -> list[int]:
-    """Token ids of the prompt, or [BOS] when no prompt is given (the minimal prompt of Fig. 2)."""
-    if prompt_or_ids is not None:
-        return tokenize(tokenizer, prompt_or_ids)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        raise PromptError("this tokenizer has no BOS token to start from; pass a prompt (text or token ids)")
-    return [int(bos)]
+    """Token ids of the prompt, or the document start when no prompt is given (the minimal prompt of Fig. 2)."""
+    return document_start(tokenizer)[0] if prompt_or_ids is None else tokenize(tokenizer, prompt_or_ids)
 
 
 def _check_length(model: nn.Module, n_prompt: int, n_tokens: int) -> None:
@@ -143,4 +153,5 @@ def generate_with_jacobians(
         spectrum = None if k is None else torch.stack([block.S for block in token_svds(result, k)])
         steps.append(GenerationStep(result, token_id, tokenizer.decode([token_id]), probability, spectrum))
         ids.append(token_id)
-    return GenerationResult(prompt_ids=prompt, steps=steps, text=tokenizer.decode(ids))
+    start = document_start(tokenizer)[1] if prompt_or_ids is None else f"the prompt {tokenizer.decode(prompt)!r}"
+    return GenerationResult(prompt_ids=prompt, steps=steps, text=tokenizer.decode(ids), start=start)

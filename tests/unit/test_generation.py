@@ -52,11 +52,28 @@ def test_default_prompt_is_bos():
     assert result.steps[0].input_ids == [1] and result.steps[0].jacobian.jacobian.shape == (32, 1, 32)
     assert result.steps[0].spectrum is None
     assert result.token_ids == greedy_continuation(model, [1], 2)
+    assert result.start == "the BOS token '<1>'"
+
+
+class EndOfTextTokenizer(IdsTokenizer):
+    """A tokenizer without a BOS token (Qwen 2.5 and 3 have bos_token: null) but with an end-of-text token."""
+
+    bos_token_id = None
+    eos_token_id = 2
+
+
+def test_a_tokenizer_without_bos_starts_from_its_end_of_text_token_and_says_so():
+    model = tiny_model("llama", torch.float64)
+    result = generate_with_jacobians(model, EndOfTextTokenizer(), n_tokens=2, progress=False)
+    assert result.prompt_ids == [2] and result.token_ids == greedy_continuation(model, [2], 2)
+    assert result.start.startswith("the end-of-text token") and "'<2>'" in result.start
+    given = generate_with_jacobians(model, EndOfTextTokenizer(), [5, 6], n_tokens=1, progress=False)
+    assert given.start == "the prompt '<5> <6>'"
 
 
 def test_bad_input_is_refused():
     model = tiny_model("llama")
-    with pytest.raises(PromptError, match="BOS"):
+    with pytest.raises(PromptError, match="neither a BOS nor an end-of-text token"):
         generate_with_jacobians(model, IdsTokenizer(), n_tokens=1, progress=False)
     with pytest.raises(PromptError):
         generate_with_jacobians(model, IdsTokenizer(), "  ", progress=False)
