@@ -98,6 +98,17 @@ def hub_offline() -> bool:
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within `timeout` seconds (no request is sent)."""
+    import socket
+
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:  # no route, no DNS, refused, timed out
+        return False
+
+
 def from_pretrained(cls: Any, source: dict[str, Any], **kwargs: Any) -> Any:
     """cls.from_pretrained with bad files mapped to ModelFileError and unknown hub ids to UnknownModelError."""
     where, gguf_file = source["where"], source["gguf_file"]

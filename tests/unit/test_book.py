@@ -160,3 +160,25 @@ def test_a_chapter_page_opens_with_what_the_paper_shows(tmp_path):
     assert "**What the paper shows** (Fig. 9)" in page
     plain = chapter_page(NotebookSpec(**{**spec.__dict__, "paper": None}), [], [], "The Golden", "float32", False)
     assert "What the paper shows" not in plain
+
+
+def test_kernels_run_offline_where_the_hub_cannot_be_reached(monkeypatch):
+    """No page of "Retrying in Ns": without a network the kernels get HF_HUB_OFFLINE=1, unless the user chose."""
+    import os
+
+    from lllm.apps.book.execute import _kernel_environment
+    from lllm.io import models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    with _kernel_environment():
+        assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert "HF_HUB_OFFLINE" not in os.environ
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: True)
+    with _kernel_environment():
+        assert "HF_HUB_OFFLINE" not in os.environ
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the user's choice stands
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    with _kernel_environment():
+        assert os.environ["HF_HUB_OFFLINE"] == "0"

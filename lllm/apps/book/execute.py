@@ -194,12 +194,19 @@ def _kernel_environment(threads: int | None = None) -> Iterator[None]:
     transformers' GGUF loading): in an executed notebook they are only hundreds of stderr lines.
     The warning filter silences tqdm.auto's "IProgress not found" on import in a kernel without
     ipywidgets, which a static offline book could not display anyway. `threads` sets the kernels'
-    OpenMP threads (torch's intra-op threads), so that concurrent kernels share the cores.
+    OpenMP threads (torch's intra-op threads), so that concurrent kernels share the cores. Where the
+    Hugging Face hub cannot be reached and the user has not said either way (HF_HUB_OFFLINE), the
+    kernels run offline: a notebook about a hub model then says at once that it is not available,
+    instead of printing a page of "Retrying in Ns" while transformers retries.
     """
     warnings = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:IProgress not found:Warning"]))
     overrides = {"PYTHONPATH": python_path_with_this_lllm(), "TQDM_DISABLE": "1", "PYTHONWARNINGS": warnings}
     if threads is not None:  # the cores divided among the kernels that run at once
         overrides.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    from lllm.io.models import hub_reachable  # late: the driver itself does not need torch
+
+    if not any(name in os.environ for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")) and not hub_reachable():
+        overrides["HF_HUB_OFFLINE"] = "1"
     saved = {name: os.environ.get(name) for name in overrides}
     os.environ.update(overrides)
     try:
