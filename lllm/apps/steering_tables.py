@@ -14,8 +14,10 @@ from lllm.analyses.steering import SteeringResult
 
 
 def concept_word(concept: str) -> str:
-    """The word steering should bring into a continuation: the concept's last ("Golden")."""
-    return concept.split()[-1]
+    """The word steering should bring into a continuation: the concept's first capitalized word after its opening
+    one ("Golden" of the paper's "The Golden Gate", Sec. 3.6), else its last word."""
+    words = concept.split()
+    return next((w for w in words[1:] if w[:1].isupper()), words[-1])
 
 
 def concept_appears(result: SteeringResult, word: str) -> bool:

@@ -85,3 +85,10 @@ def test_paper_claims_verdicts_follow_the_measurements(tiny_analysis, claim, met
     analysis = dataclasses.replace(tiny_analysis, meta={**tiny_analysis.meta, **meta})
     table = paper_claims(analysis, **options).set_index("claim")
     assert table.loc[claim, "verdict"] == verdict, table.loc[claim, "measured"]
+
+
+def test_the_concept_word_of_the_papers_concept_is_golden():
+    from lllm.apps.steering_tables import concept_word
+
+    assert concept_word("The Golden Gate") == "Golden"  # Sec. 3.6: the model predicts "Bridge"
+    assert concept_word("a painting of the sea") == "sea"
