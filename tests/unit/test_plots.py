@@ -69,6 +69,9 @@ CLAIM_CASES = [
     ("J⁺ᵢ are extremely low rank", {"token_stable_rank": [0.2, 0.3]}, {}, "reproduced"),  # < 1% of d = 32
     ("J⁺ᵢ are extremely low rank", {"token_stable_rank": [1.7, 3.1]}, {}, "partly"),  # < 10% of d
     ("J⁺ᵢ are extremely low rank", {"token_stable_rank": [1.7, 3.3]}, {}, "not reproduced"),
+    ("the first token has the largest spectrum", {}, {}, "not measured"),  # no BOS token given
+    ("the first token has the largest spectrum", {"token_ids": [7, 2, 3, 4, 5]}, {"bos_token_id": 1},
+     "not measured"),  # the prompt does not start with the BOS token
     ("steering with J⁺ of a concept", {}, {}, "not measured"),
     ("steering with J⁺ of a concept", {}, {"steering": [_sweep(True), _sweep(True)]}, "reproduced"),
     ("steering with J⁺ of a concept", {}, {"steering": [_sweep(True), _sweep(False)]}, "partly"),
@@ -92,3 +95,15 @@ def test_the_concept_word_of_the_papers_concept_is_golden():
 
     assert concept_word("The Golden Gate") == "Golden"  # Sec. 3.6: the model predicts "Bridge"
     assert concept_word("a painting of the sea") == "sea"
+
+
+def test_the_bos_claim_is_measured_on_a_prompt_that_starts_with_bos(tiny_analysis):
+    """Starting with the BOS token (id 1 here), the verdict follows where the largest σ₁ is."""
+    spectra = tiny_analysis.token_spectra.clone()
+    for biggest, verdict in ((0, "reproduced"), (2, "not reproduced")):
+        spectra[:, 0] = 1.0
+        spectra[biggest, 0] = 10.0
+        analysis = dataclasses.replace(tiny_analysis, token_spectra=spectra.clone(),
+                                       meta={**tiny_analysis.meta, "token_ids": [1, 2, 3, 4, 5]})
+        table = paper_claims(analysis, bos_token_id=1).set_index("claim")
+        assert table.loc["the first token has the largest spectrum", "verdict"] == verdict
