@@ -80,15 +80,15 @@ def test_toc_lists_what_ran_in_book_order(built_book):
     data = yaml.safe_load(built_book["toc"])
     captions = [part["caption"] for part in data["parts"]]
     discussion = ["Discussion"] if any((book_dir / "pages").glob("*.md")) else []  # a part is never empty
-    assert captions == ["Background", "Figures", *discussion, "Using lllm"]
-    figures = data["parts"][1]["chapters"]
-    assert [c["file"] for c in figures] == [
-        "generated/chapters/tiny-figure.md", "generated/chapters/broken.md", "generated/chapters/compare.md"]
+    assert captions == ["Background", "Figures and tables of the paper", "Beyond the paper", *discussion, "Using lllm"]
+    figures, beyond = data["parts"][1]["chapters"], data["parts"][2]["chapters"]  # by the notebooks' "part"
+    assert [c["file"] for c in figures] == ["generated/chapters/tiny-figure.md", "generated/chapters/broken.md"]
+    assert [c["file"] for c in beyond] == ["generated/chapters/compare.md"]
     assert figures[0]["sections"] == [{"file": "generated/tiny-figure/tiny.ipynb", "title": "tiny"}]
     assert "sections" not in figures[1]  # the failed run is not shown ...
     broken_page = (book_dir / "generated" / "chapters" / "broken.md").read_text()
     assert "These runs failed" in broken_page and "known failure for tiny" in broken_page  # ... but said
-    assert figures[2]["sections"] == [{"file": "generated/compare/all-models.ipynb", "title": "All models"}]
+    assert beyond[0]["sections"] == [{"file": "generated/compare/all-models.ipynb", "title": "All models"}]
 
 
 def test_book_builds_with_warnings_as_errors_and_local_mathjax(built_book):

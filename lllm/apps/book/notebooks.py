@@ -23,6 +23,7 @@ FAST_MODELS = ("smollm2-135m",)
 FAST_PROMPT = "The Golden"
 
 
+PARTS = {"figures": "Figures and tables of the paper", "beyond": "Beyond the paper"}  # metadata "part" -> caption
 SCOPES = ("per_model", "all_models")
 
 
@@ -75,6 +76,7 @@ class NotebookSpec:
     reads: tuple[str, ...] = ()  # glob patterns (from the notebook's directory) of data files made elsewhere
     parameters: frozenset[str] = frozenset()  # names assigned in its `parameters` cell
     paper: tuple[str, str] | None = None  # (where, the paper's own words): what the paper shows for this page
+    part: str = "figures"  # "figures": a figure or table of the paper; "beyond": what the book adds to it
 
 
 def discover(notebooks_dir: Path) -> list[NotebookSpec]:
@@ -134,10 +136,13 @@ def _spec_from_metadata(path: Path, nb) -> NotebookSpec:
                                                                   for k in ("where", "quote"))):
         raise NotebookMetadataError(f"{path}: 'paper' {paper!r} must be {{\"where\": \"Fig. 3\", \"quote\": "
                                     "\"the paper's own words\"}")
+    part = meta.get("part", "figures")
+    if part not in PARTS:
+        raise NotebookMetadataError(f"{path}: part {part!r} is not one of {tuple(PARTS)}")
     summary = meta.get("summary") or _first_markdown_text(nb)
     return NotebookSpec(path=path.resolve(), chapter=chapter, title=str(meta["title"]), order=float(meta["order"]),
                         scope=scope, summary=summary, reads=tuple(reads), parameters=names,
-                        paper=None if paper is None else (paper["where"], paper["quote"]))
+                        paper=None if paper is None else (paper["where"], paper["quote"]), part=part)
 
 
 def _first_markdown_text(nb) -> str:

@@ -15,7 +15,7 @@ from lllm.defaults import DEFAULT_PROMPT, DTYPES
 from lllm.validation import check_int
 
 from lllm.apps.book.notebooks import (
-    DEFAULT_MODELS, FAST_MODELS, FAST_PROMPT, INTRO_PAGES, PAGE_ORDER, PAGES_DIR, REFERENCE_PAGES, NotebookSpec,
+    DEFAULT_MODELS, FAST_MODELS, FAST_PROMPT, INTRO_PAGES, PAGE_ORDER, PAGES_DIR, PARTS, REFERENCE_PAGES, NotebookSpec,
     discover, model_slug, select,
 )
 from lllm.apps.book.runs import Failure, Run, code_fingerprint, plan
@@ -53,7 +53,7 @@ def write_toc(
 
     book_dir = Path(book_dir).resolve()
     failed = {(f.chapter, f.model) for f in failures}
-    chapters = []
+    chapters: dict[str, list] = {part: [] for part in PARTS}
     for spec in specs:
         chapter_runs = [r for r in runs if r.notebook.chapter == spec.chapter]
         if not chapter_runs:
@@ -66,10 +66,10 @@ def write_toc(
         entry = {"file": _rel(page, book_dir)}
         if shown:
             entry["sections"] = [{"file": _rel(r.output, book_dir), "title": r.model or "All models"} for r in shown]
-        chapters.append(entry)
+        chapters[spec.part].append(entry)
     parts = [
         {"caption": "Background", "chapters": [{"file": p} for p in INTRO_PAGES[1:] if (book_dir / p).exists()]},
-        {"caption": "Figures", "chapters": chapters},
+        *({"caption": caption, "chapters": chapters[part]} for part, caption in PARTS.items()),
         {"caption": "Discussion", "chapters": [{"file": p} for p in _discussion_pages(book_dir)]},
         {"caption": "Using lllm", "chapters": [{"file": p} for p in REFERENCE_PAGES if (book_dir / p).exists()]},
     ]
