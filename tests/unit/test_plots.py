@@ -107,3 +107,50 @@ def test_the_bos_claim_is_measured_on_a_prompt_that_starts_with_bos(tiny_analysi
                                        meta={**tiny_analysis.meta, "token_ids": [1, 2, 3, 4, 5]})
         table = paper_claims(analysis, bos_token_id=1).set_index("claim")
         assert table.loc["the first token has the largest spectrum", "verdict"] == verdict
+
+
+def _deeper(analysis, ranks, tails, emerged):
+    """The tiny analysis as if it had len(ranks) layers: these cumulative stable ranks, spectra whose mean
+    σ₂..₁₀/σ₁ is `tails`, and the prediction decoded at the layers in `emerged` only."""
+    n, d = len(ranks), analysis.layer_spectra["layer"].shape[1]
+    spectra = torch.ones(n, d)
+    for i, tail in enumerate(tails):
+        spectra[i, 0], spectra[i, 1:10] = 1.0, tail
+    predicted = analysis.meta["next_tokens"][0]["id"]
+    row = analysis.meta["layer_decodings"][0]
+    decodings = [[{**entry, "ids": [predicted if (ell in emerged and j == 0) else -1]} for j, entry in enumerate(row)]
+                 for ell in range(n)]
+    stable = {"cumulative": {"layer": list(ranks)}, "layerwise": analysis.meta["stable_ranks"]["layerwise"]}
+    meta = {**analysis.meta, "layers": list(range(n)), "stable_ranks": stable, "layer_decodings": decodings}
+    return dataclasses.replace(analysis, meta=meta, layer_spectra={**analysis.layer_spectra, "layer": spectra})
+
+
+@pytest.mark.parametrize("ranks, verdict", [
+    ([9, 7, 6, 4, 2], "reproduced"),  # ρ = −1
+    ([5, 7, 3, 8, 4], "partly"),  # ends lower, but ρ = −0.1: a wander, not a decrease
+    ([2, 4, 6, 7, 9], "not reproduced"),
+])
+def test_dimensionality_decreases_only_with_a_strong_trend(tiny_analysis, ranks, verdict):
+    table = paper_claims(_deeper(tiny_analysis, ranks, [0.5] * 5, [])).set_index("claim")
+    assert table.loc["dimensionality decreases with depth", "verdict"] == verdict
+
+
+@pytest.mark.parametrize("tails, verdict", [
+    ([0.5, 0.4, 0.3, 0.2, 0.1], "reproduced"),
+    ([0.5, 0.6, 0.2, 0.7, 0.4], "partly"),  # first and last alone would say "reproduced"
+    ([0.1, 0.2, 0.3, 0.4, 0.5], "not reproduced"),
+])
+def test_later_layers_lower_rank_reads_every_layer_not_just_the_ends(tiny_analysis, tails, verdict):
+    table = paper_claims(_deeper(tiny_analysis, [5] * 5, tails, [])).set_index("claim")
+    assert table.loc["later layers are lower rank", "verdict"] == verdict
+
+
+@pytest.mark.parametrize("emerged, verdict", [
+    ([3, 4], "reproduced"),
+    ([4], "partly"),  # the last layer's map is lm_head's own: it decodes the prediction anyway
+    ([0, 3], "partly"),
+    ([], "not reproduced"),
+])
+def test_intelligible_decodings_need_a_layer_before_the_last(tiny_analysis, emerged, verdict):
+    table = paper_claims(_deeper(tiny_analysis, [5] * 5, [0.5] * 5, emerged)).set_index("claim")
+    assert table.loc["decodings become intelligible in later layers", "verdict"] == verdict
