@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import matplotlib.pyplot as plt
+import pandas as pd
 from torch import nn
 
 from lllm.analyses.pipeline import PromptAnalysis
@@ -20,8 +21,11 @@ STYLE = {"figure.dpi": 90, "axes.titlesize": 10, "axes.labelsize": 9}  # the fig
 
 
 def setup(prompt: str | None = None) -> str:
-    """Style the figures; the prompt to analyse (None, a parameters cell's default: DEFAULT_PROMPT)."""
+    """Style the figures, show every row and column of a table (no "…" hides a layer); the prompt to analyse (None,
+    a parameters cell's default: DEFAULT_PROMPT)."""
     plt.rcParams.update(STYLE)
+    pd.set_option("display.max_columns", None)
+    pd.set_option("display.max_rows", None)
     return DEFAULT_PROMPT if prompt is None else prompt
 
 
