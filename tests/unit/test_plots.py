@@ -154,3 +154,14 @@ def test_later_layers_lower_rank_reads_every_layer_not_just_the_ends(tiny_analys
 def test_intelligible_decodings_need_a_layer_before_the_last(tiny_analysis, emerged, verdict):
     table = paper_claims(_deeper(tiny_analysis, [5] * 5, [0.5] * 5, emerged)).set_index("claim")
     assert table.loc["decodings become intelligible in later layers", "verdict"] == verdict
+
+
+def test_notebook_setup_resolves_the_prompt_and_shows_whole_tables():
+    import pandas as pd
+
+    from lllm.apps import notebook
+    from lllm.defaults import DEFAULT_PROMPT
+
+    assert notebook.setup(None) == DEFAULT_PROMPT and notebook.setup("The Golden") == "The Golden"
+    wide = pd.DataFrame([range(30)], columns=[f"layer {i}" for i in range(30)])
+    assert "..." not in repr(wide) and "…" not in wide.to_html()
