@@ -229,7 +229,8 @@ def prompt_row(
     check_choice(method, "method", METHODS)
     token_ids = tokenize(tokenizer, prompt)
     d = text_config(model).hidden_size
-    check_fits(model, len(token_ids), default_chunk_size(d), model.get_input_embeddings().weight.dtype)
+    dtype = model.get_input_embeddings().weight.dtype
+    check_fits(model, len(token_ids), default_chunk_size(model, len(token_ids), dtype), dtype)
     embed(model, token_ids)  # refuses token ids outside the vocabulary with a PromptError
     following = top_next_tokens(model, tokenizer, token_ids, top_k)
     ranks: dict[str, list[float] | None] = {c: None for c in COMPONENTS}

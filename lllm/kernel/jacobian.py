@@ -164,6 +164,9 @@ def jvp_reconstruction(model: nn.Module, x: torch.Tensor, position: int = -1, *,
         return fwAD.unpack_dual(out).tangent.detach()
 
 
+FIT_FRACTION = 0.8  # of the free memory, what one Jacobian computation may take
+
+
 def estimate_jacobian_bytes(model: nn.Module, n_tokens: int, chunk_size: int, dtype: torch.dtype) -> int:
     """A conservative peak-memory estimate (bytes) of one batched reverse-mode Jacobian."""
     cfg = text_config(model)
@@ -193,7 +196,7 @@ def check_fits(model: nn.Module, n_tokens: int, chunk_size: int, dtype: torch.dt
         raise PromptError(f"the prompt has {n_tokens} tokens, more than the model's {max_pos} positions")
     need = estimate_jacobian_bytes(model, n_tokens, chunk_size, dtype)
     available = available_memory(model.device)
-    if need > 0.8 * available:
+    if need > FIT_FRACTION * available:
         raise MemoryBudgetError(
             f"a {n_tokens}-token Jacobian needs about {need / 2**30:.1f} GiB (chunk_size={chunk_size}) but only "
             f"{available / 2**30:.1f} GiB are available. Use a shorter prompt, a smaller chunk_size, or the "
@@ -201,9 +204,14 @@ def check_fits(model: nn.Module, n_tokens: int, chunk_size: int, dtype: torch.dt
         )
 
 
-def default_chunk_size(d_out: int) -> int:
-    """64 rows per batched backward: measured faster and leaner than all rows at once."""
-    return min(64, d_out)
+def default_chunk_size(model: nn.Module, n_tokens: int, dtype: torch.dtype) -> int:
+    """Rows per batched backward: 64 (measured faster and leaner than all rows at once), or as many as fit in the
+    memory `check_fits` allows where 64 would not (a long prompt: T = 512 on SmolLM2 takes about 25), at least 1."""
+    d_out = text_config(model).hidden_size
+    base = estimate_jacobian_bytes(model, n_tokens, 0, dtype)  # the estimate is linear in the chunk size
+    per_row = estimate_jacobian_bytes(model, n_tokens, 1, dtype) - base
+    fit = int((FIT_FRACTION * available_memory(model.device) - base) // per_row)
+    return max(1, min(64, d_out, fit))
 
 
 def reverse_jacobian(y: torch.Tensor, x: torch.Tensor, chunk_size: int, progress: bool, desc: str) -> torch.Tensor:
@@ -239,8 +247,7 @@ def detached_jacobian(
     token_ids = tokenize(tokenizer, prompt_or_ids)
     check_position(position, len(token_ids))
     x0 = embed(model, token_ids)  # (T, d)
-    d_out = text_config(model).hidden_size
-    chunk_size = chunk_size or default_chunk_size(d_out)
+    chunk_size = chunk_size or default_chunk_size(model, len(token_ids), x0.dtype)
     check_fits(model, len(token_ids), chunk_size, x0.dtype)
     tokens = [tokenizer.decode([i]) for i in token_ids]
     start = time.perf_counter()

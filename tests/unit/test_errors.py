@@ -67,11 +67,33 @@ def test_prompt_that_would_not_fit_in_memory_is_refused(monkeypatch):
     import psutil
 
     class Tiny:
-        available = 10 * 2**20  # pretend only 10 MiB are free
+        available = 2 * 2**20  # pretend only 2 MiB are free: less than the forward graph, whatever the chunk
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny)
     with pytest.raises(MemoryBudgetError, match="GiB"):
         lllm.detached_jacobian(tiny_model("llama"), TOK, [i % 90 + 1 for i in range(100)], progress=False)
+
+
+def test_the_default_chunk_adapts_to_the_free_memory(monkeypatch):
+    """64 rows per backward where they fit; fewer, as many as fit, where a long prompt would not (T = 512)."""
+    import psutil
+
+    from lllm.kernel.jacobian import FIT_FRACTION, default_chunk_size, estimate_jacobian_bytes
+
+    model, ids = tiny_model("llama", torch.float64), [i % 90 + 1 for i in range(100)]
+    free = {"bytes": 2**40}
+
+    class Memory:
+        @property
+        def available(self):
+            return free["bytes"]
+
+    monkeypatch.setattr(psutil, "virtual_memory", Memory)
+    assert default_chunk_size(model, len(ids), torch.float64) == 32  # every row of d = 32 at once
+    free["bytes"] = int(estimate_jacobian_bytes(model, len(ids), 5, torch.float64) / FIT_FRACTION) + 1
+    assert default_chunk_size(model, len(ids), torch.float64) == 5
+    result = lllm.detached_jacobian(model, TOK, ids, progress=False)  # runs with 5 rows per backward
+    assert result.relative_error < 1e-12
 
 
 def test_self_check_catches_a_wrong_frozen_factor(monkeypatch):
