@@ -29,50 +29,34 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
-def _embedded(name: str, dtype: str):
-    """(model, tokenizer) of an embedded model from lllm.load; released with the fixture's scope."""
-    import lllm
-
-    model, tokenizer = lllm.load(name, dtype=dtype)
-    yield model, tokenizer
-    del model
-    gc.collect()
-
-
-@pytest.fixture(scope="session")
-def smollm2():
-    """SmolLM2-135M in float32 (real weights, offline)."""
-    yield from _embedded("smollm2-135m", "float32")
+# fixture -> (embedded model, dtype, scope): each float32 model once per session, its float64 copy once per module
+EMBEDDED = {
+    "smollm2": ("smollm2-135m", "float32", "session"),
+    "smollm2_f64": ("smollm2-135m", "float64", "module"),
+    "gemma3": ("gemma3-270m", "float32", "session"),
+    "gemma3_f64": ("gemma3-270m", "float64", "module"),  # 2.1 GB
+    "qwen": ("qwen2.5-coder-0.5b", "float32", "session"),
+    "qwen_f64": ("qwen2.5-coder-0.5b", "float64", "module"),  # 4 GB
+}
 
 
-@pytest.fixture(scope="module")
-def smollm2_f64():
-    """SmolLM2-135M in float64."""
-    yield from _embedded("smollm2-135m", "float64")
+def _embedded_fixture(fixture: str, name: str, dtype: str, scope: str):
+    """A fixture giving (model, tokenizer) of an embedded model from lllm.load, released at the end of `scope`."""
+
+    def load():
+        import lllm
+
+        model, tokenizer = lllm.load(name, dtype=dtype)
+        yield model, tokenizer
+        del model
+        gc.collect()
+
+    load.__doc__ = f"{name} in {dtype} (real weights, offline), loaded once per {scope}."
+    return pytest.fixture(scope=scope, name=fixture)(load)
 
 
-@pytest.fixture(scope="session")
-def gemma3():
-    """Gemma 3 270M in float32."""
-    yield from _embedded("gemma3-270m", "float32")
-
-
-@pytest.fixture(scope="module")
-def gemma3_f64():
-    """Gemma 3 270M in float64 (2.1 GB)."""
-    yield from _embedded("gemma3-270m", "float64")
-
-
-@pytest.fixture(scope="session")
-def qwen():
-    """Qwen2.5-Coder-0.5B in float32."""
-    yield from _embedded("qwen2.5-coder-0.5b", "float32")
-
-
-@pytest.fixture(scope="module")
-def qwen_f64():
-    """Qwen2.5-Coder-0.5B in float64 (4 GB)."""
-    yield from _embedded("qwen2.5-coder-0.5b", "float64")
+for _fixture, (_name, _dtype, _scope) in EMBEDDED.items():
+    globals()[_fixture] = _embedded_fixture(_fixture, _name, _dtype, _scope)
 
 
 @pytest.fixture
