@@ -1,25 +1,23 @@
 """Layer-by-layer detached Jacobians (paper Fig. 6, Tables 1–3).
 
-Two kinds, each for the layer output (with residual) and the attention and MLP module outputs
-(before their residual adds):
+Two kinds, each for the layer output (with residual) and the attention and MLP outputs (before their residual adds):
 
-- cumulative: input embeddings x (T, d) → that output at `position`, read through the final norm
-  (logit-lens style, with its own frozen rsqrt) as the paper does. At the last layer this is the
-  final detached Jacobian.
+- cumulative: input embeddings x (T, d) → that output at `position`, read through the final norm (logit-lens style,
+  with its own frozen rsqrt) as the paper does. At the last layer this is the final detached Jacobian.
 - layer-wise: layer ℓ alone, its input hidden states (T, d) → its output at `position`.
 
-One detached forward *records* every frozen factor. With the factors replayed, the network is a
-fixed linear map, so Jacobians come from either side of it:
+One detached forward *records* every frozen factor. With the factors replayed, the network is a fixed linear map,
+so Jacobians come from either side of it:
 
-- forward mode: the replayed network applied to a batch of basis vectors e_(i,k) yields column
-  (i, k) of every requested Jacobian at once (T·d columns, shared by all layers and components).
-  The replay skips what the frozen factors make constant (Q, K, RoPE, softmax, the frozen MLP
-  branch), and a tangent at token i runs on tokens i…position only (causal attention);
+- forward mode: the replayed network applied to a batch of basis vectors e_(i,k) yields column (i, k) of every
+  requested Jacobian at once (T·d columns, shared by all layers and components). The replay skips what the frozen
+  factors make constant (Q, K, RoPE, softmax, the frozen MLP branch), and a tangent at token i runs on tokens
+  i…position only (causal attention);
 - reverse mode: batched VJPs, d_out rows per requested output.
 
-`method="auto"` picks the cheaper by counting token-layer passes, and takes reverse mode where a record
-cannot be replayed on a batch (MoE routing, tokens flattened with the batch). Biases make the maps affine; their
-constant c is the replayed network applied to a zero input, computed independently of y.
+`method="auto"` picks the cheaper by counting token-layer passes, and takes reverse mode where a record cannot be
+replayed on a batch (MoE routing, tokens flattened with the batch). Biases make the maps affine; their constant c
+is the replayed network applied to a zero input, computed independently of y.
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict, Unpack
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -105,9 +104,37 @@ def _choose(method: str, forward_cost: float, reverse_cost: float) -> str:
     return "forward" if forward_cost <= REVERSE_COST * reverse_cost else "reverse"
 
 
-def _request(model, tokenizer, prompt_or_ids, layers, components, position, method, chunk_size):
-    """The checked arguments of a layer readout, before any work: (token_ids, x0 (T, d), layers, components,
-    position, chunk_size, keys [(ℓ, component)]); refuses a result that would not fit in memory."""
+class ReadoutOptions(TypedDict, total=False):
+    """The keyword options both layer readouts take, with their defaults."""
+
+    layers: Sequence[int] | None  # layer numbers, negative from the end (None, the default: every layer)
+    components: Sequence[str]  # of COMPONENTS (default: all three)
+    position: int  # the token whose outputs are read (default: -1, the last)
+    method: str  # "auto" (default), "forward" (sweep of the replayed network) or "reverse"
+    chunk_size: int | None  # basis vectors per replayed pass (default: as many as fit, `sweep_chunk_size`)
+    mlp_split: str  # which factor of a gated MLP is frozen: "activation" (default, paper eq. 8) or "gate"
+    progress: bool  # tqdm bars (default: True)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A layer readout's checked options and inputs: token_ids, x0 (T, d), the keys [(ℓ, component)]."""
+
+    token_ids: list[int]
+    x0: torch.Tensor
+    layers: list[int]
+    components: tuple[str, ...]
+    position: int
+    method: str
+    chunk_size: int
+    mlp_split: str
+    progress: bool
+    keys: list[tuple[int, str]]
+
+
+def _request(model, tokenizer, prompt_or_ids, *, layers=None, components=COMPONENTS, position=-1, method="auto",
+             chunk_size=None, mlp_split="activation", progress=True) -> _Request:
+    """The checked ReadoutOptions of a layer readout, before any work; refuses a result that would not fit in memory."""
     components, chunk_size = check_components(components, COMPONENTS), check_chunk_size(chunk_size)
     layers = check_layers(layers, text_config(model).num_hidden_layers)
     check_choice(method, "method", METHODS)
@@ -117,58 +144,34 @@ def _request(model, tokenizer, prompt_or_ids, layers, components, position, meth
     x0 = embed(model, token_ids)  # (T, d)
     keys = [(ell, c) for ell in layers for c in components]
     check_result_fits(len(keys), x0.shape[-1], len(token_ids), x0.shape[-1], x0.dtype, x0.device)
-    return token_ids, x0, layers, components, position, chunk_size, keys
+    return _Request(token_ids, x0, layers, components, position, method, chunk_size, mlp_split, progress, keys)
 
 
 @grad_enabled
-def cumulative_jacobians(
-    model: nn.Module,
-    tokenizer,
-    prompt_or_ids,
-    *,
-    layers: Sequence[int] | None = None,
-    components: Sequence[str] = COMPONENTS,
-    position: int = -1,
-    through_norm: bool = True,
-    method: str = "auto",
-    chunk_size: int | None = None,
-    mlp_split: str = "activation",
-    progress: bool = True,
-) -> LayerJacobians:
-    """Cumulative J⁺: input embeddings → each layer/attention/MLP output at `position` (Fig. 6A–C)."""
-    token_ids, x0, layers, components, position, chunk_size, keys = _request(
-        model, tokenizer, prompt_or_ids, layers, components, position, method, chunk_size)
-    d, T = x0.shape[-1], len(token_ids)
-    depth = layers[-1] + 1
+def cumulative_jacobians(model: nn.Module, tokenizer, prompt_or_ids, *, through_norm: bool = True,
+                         **options: Unpack[ReadoutOptions]) -> LayerJacobians:
+    """Cumulative J⁺: input embeddings → each layer/attention/MLP output at `position` (Fig. 6A–C), read through
+    the final norm unless through_norm=False; `options`: see ReadoutOptions."""
+    r = _request(model, tokenizer, prompt_or_ids, **options)
+    d, T, depth = r.x0.shape[-1], len(r.token_ids), r.layers[-1] + 1
     # forward: T·d basis tangents through `depth` layers; reverse: d rows back through T tokens and ℓ+1 layers each
-    chosen = _choose(method, d * _forward_token_layers(position, depth), sum(d * T * (ell + 1) for ell, _ in keys))
-    run = lambda how: _cumulative(model, tokenizer, token_ids, x0, layers, components, position,  # noqa: E731
-                                     through_norm, mlp_split, how, chunk_size, progress)
-    return _self_checked(_with_fallback(model, run, method, chosen), "cumulative")
+    chosen = _choose(r.method, d * _forward_token_layers(r.position, depth), d * T * sum(ell + 1 for ell, _ in r.keys))
+    run = lambda how: _cumulative(model, tokenizer, r.token_ids, r.x0, r.layers, r.components,  # noqa: E731
+                                     r.position, through_norm, r.mlp_split, how, r.chunk_size, r.progress)
+    return _self_checked(_with_fallback(model, run, r.method, chosen), "cumulative")
 
 
 @grad_enabled
-def layerwise_jacobians(
-    model: nn.Module,
-    tokenizer,
-    prompt_or_ids,
-    *,
-    layers: Sequence[int] | None = None,
-    components: Sequence[str] = COMPONENTS,
-    position: int = -1,
-    method: str = "auto",
-    chunk_size: int | None = None,
-    mlp_split: str = "activation",
-    progress: bool = True,
-) -> LayerJacobians:
-    """Layer-wise J⁺: layer ℓ alone, input hidden states (T, d) → its outputs at `position` (Fig. 6D)."""
-    token_ids, x0, layers, components, position, chunk_size, keys = _request(
-        model, tokenizer, prompt_or_ids, layers, components, position, method, chunk_size)
-    d, T = x0.shape[-1], len(token_ids)
-    chosen = _choose(method, d * T * T, d * T * len(components))  # its basis sweep runs every token (no window)
-    run = lambda how: _layerwise(model, tokenizer, token_ids, x0, layers, components, position,  # noqa: E731
-                                    mlp_split, how, chunk_size, progress)
-    return _self_checked(_with_fallback(model, run, method, chosen), "layer-wise")
+def layerwise_jacobians(model: nn.Module, tokenizer, prompt_or_ids,
+                        **options: Unpack[ReadoutOptions]) -> LayerJacobians:
+    """Layer-wise J⁺: layer ℓ alone, input hidden states (T, d) → its outputs at `position` (Fig. 6D); `options`:
+    see ReadoutOptions."""
+    r = _request(model, tokenizer, prompt_or_ids, **options)
+    d, T = r.x0.shape[-1], len(r.token_ids)
+    chosen = _choose(r.method, d * T * T, d * T * len(r.components))  # its basis sweep runs every token (no window)
+    run = lambda how: _layerwise(model, tokenizer, r.token_ids, r.x0, r.layers, r.components,  # noqa: E731
+                                    r.position, r.mlp_split, how, r.chunk_size, r.progress)
+    return _self_checked(_with_fallback(model, run, r.method, chosen), "layer-wise")
 
 
 class _LayerRun(nn.Module):
@@ -368,9 +371,6 @@ def _layerwise(model, tokenizer, token_ids, x0, layers, components, position, ml
     has_bias = any(v is not None for v in bias.values())
     return _assemble("layerwise", layers, components, stacked, targets, bias if has_bias else None,
                      torch.stack(layer_inputs), token_ids, tokenizer, False, method, time.perf_counter() - start)
-
-
-
 
 
 def _allocate(layers, components, shape, dtype, device) -> tuple[dict, dict]:
