@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -24,6 +25,9 @@ def setup(prompt: str | None = None) -> str:
     """Style the figures, show every row and column of a table (no "…" hides a layer); the prompt to analyse (None,
     a parameters cell's default: DEFAULT_PROMPT)."""
     plt.rcParams.update(STYLE)
+    # A token in a script the figure font lacks (CJK, Hangul) is drawn as a box; matplotlib's warning about it would
+    # print the machine's path to lllm on the page, once per glyph.
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
     pd.set_option("display.max_columns", None)
     pd.set_option("display.max_rows", None)
     return DEFAULT_PROMPT if prompt is None else prompt

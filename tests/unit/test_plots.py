@@ -165,3 +165,21 @@ def test_notebook_setup_resolves_the_prompt_and_shows_whole_tables():
     assert notebook.setup(None) == DEFAULT_PROMPT and notebook.setup("The Golden") == "The Golden"
     wide = pd.DataFrame([range(30)], columns=[f"layer {i}" for i in range(30)])
     assert "..." not in repr(wide) and "…" not in wide.to_html()
+
+
+def test_notebook_setup_keeps_missing_glyph_warnings_off_the_page():
+    """matplotlib warns once per glyph its font lacks, with the path to lllm: a book page must not show that."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    from lllm.apps import notebook
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        notebook.setup()
+        fig, ax = plt.subplots()
+        ax.set_title("的 Golden")  # a CJK token, as Qwen's decodings hold
+        fig.canvas.draw()
+        plt.close(fig)
+    assert not [w for w in caught if "missing from font" in str(w.message)]
