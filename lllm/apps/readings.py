@@ -1,6 +1,7 @@
 """The sentence that closes a figure page: what this page's numbers say, set beside what the paper reports.
 
-Every number is read from the analysis the page drew; nothing is typed in. Each function returns markdown.
+Every number is read from the analysis the page drew; nothing is typed in. Each function returns markdown without
+math (a notebook's markdown output is not typeset), so symbols are written in Unicode: J⁺ᵢ, u₁.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def reconstruction(analysis: PromptAnalysis, model_label: str, dtype: str) -> st
     verdict = ("as the paper's Fig. 3 reports for float32 (on the order of 10⁻⁶)" if dtype == "float32" and agrees
                else "above the paper's order of 10⁻⁶ for float32" if not agrees
                else f"in {dtype}, where the paper gives no figure")
-    return (f"**Reading.** {_where(model_label, dtype)}, the detached Jacobian reconstructs $y$ with relative error "
+    return (f"**Reading.** {_where(model_label, dtype)}, the detached Jacobian reconstructs *y* with relative error "
             f"{error:.1e}, {verdict}; the ordinary Jacobian's reconstruction is off by {ordinary:.2g}, so its points "
             f"leave the identity line{' as in the paper' if ordinary > 100 * error else ''}.")
 
@@ -33,11 +34,11 @@ def spectra(analysis: PromptAnalysis, model_label: str, dtype: str) -> str:
     first_u = analysis.meta["token_decodings"][-1][0]["u"]["tokens"][0]
     prediction = predicted_token(analysis)
     same = first_u.strip() == prediction.strip()
-    return (f"**Reading.** {_where(model_label, dtype)}, the stable rank of the matrices $J^+_i$ ranges from "
+    return (f"**Reading.** {_where(model_label, dtype)}, the stable rank of the matrices J⁺ᵢ ranges from "
             f"{min(ranks):.2f} to {max(ranks):.2f} (of a possible {analysis.final.jacobian.shape[0]}): extremely low "
-            f"rank, as in the paper's Fig. 4B. The last token's top left singular vector $u_1$ decodes to "
+            f"rank, as in the paper's Fig. 4B. The last token's top left singular vector u₁ decodes to "
             f"{token_text(first_u)!r}, {'the' if same else 'not the'} predicted token {token_text(prediction)!r}; "
-            "in the paper $U$ decodes to candidate predictions.")
+            "in the paper U decodes to candidate predictions.")
 
 
 def depth(analysis: PromptAnalysis, model_label: str, dtype: str) -> str:

@@ -58,3 +58,9 @@ def test_spectra_reads_the_stable_ranks_and_the_top_vector(analysis):
     text = readings.spectra(analysis, "tiny", "float32")
     ranks = analysis.meta["token_stable_rank"]
     assert f"from {min(ranks):.2f} to {max(ranks):.2f}" in text
+
+
+def test_readings_hold_no_math_markup(analysis):
+    """A notebook's markdown output is not typeset: a "$y$" would be shown as it is written."""
+    for reading in (readings.reconstruction, readings.spectra, readings.depth, readings.emergence):
+        assert "$" not in reading(analysis, "tiny", "float32")
