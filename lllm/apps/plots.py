@@ -197,8 +197,9 @@ def layer_decoding_table(analysis: PromptAnalysis, layers: Sequence[int] | None 
 
 
 def styled(table: pd.DataFrame):
-    """A pandas Styler of table, left-aligned, with its cells HTML-escaped (tokens such as '<|im_start|>' are text)."""
-    return table.style.format(escape="html").set_properties(**{"text-align": "left", "white-space": "pre"})
+    """A pandas Styler of table, left-aligned, its cells HTML-escaped (tokens such as '<|im_start|>' are text) and
+    their spaces kept (a token's leading space shows) but wrapping at page width."""
+    return table.style.format(escape="html").set_properties(**{"text-align": "left", "white-space": "pre-wrap"})
 
 
 def highlight(table: pd.DataFrame, words: Sequence[str]):
