@@ -34,7 +34,34 @@ SIGNS = ("positive", "both")  # decode vec only, or vec and -vec
 # ---------------------------------------------------------------------------------------------
 
 
-def left_spectrum(matrix: torch.Tensor, k: int, *, reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _gram(matrix: torch.Tensor, what: str) -> torch.Tensor:
+    """The float64 Gram matrix A Aᵀ (m, m) of a wide matrix A (m, n ≥ m)."""
+    if matrix.ndim != 2 or matrix.shape[0] > matrix.shape[1]:
+        raise LLLMError(f"{what} needs a wide 2-D matrix (m ≤ n), got shape {tuple(matrix.shape)}")
+    wide = matrix.to(torch.float64)
+    return wide @ wide.mT
+
+
+def _left_from_gram(gram: torch.Tensor, k: int, reference: torch.Tensor | None, dtype: torch.dtype):
+    """(S (m,), U (m, k)) from the eigendecomposition of a Gram matrix, signs by the convention of `svd`."""
+    if not 1 <= k <= gram.shape[0]:
+        raise ArgumentError(f"k must be between 1 and {gram.shape[0]}, got {k}")
+    eigenvalues, vectors = torch.linalg.eigh(gram)  # ascending
+    S = eigenvalues.flip(0).clamp_min(0).sqrt().to(dtype)
+    U = vectors.flip(1)[:, :k].to(dtype)
+    return S, U * orientation_signs(U[None], reference)[0]
+
+
+def _stable_rank_of_gram(gram: torch.Tensor) -> float:
+    """‖A‖²_F / σ²_max from the Gram matrix: its trace over its largest eigenvalue."""
+    largest = torch.linalg.eigvalsh(gram)[-1]
+    if largest <= 0:
+        raise LLLMError("the stable rank of a zero matrix is undefined (its largest singular value is 0)")
+    return float(gram.diagonal().sum() / largest)
+
+
+def left_spectrum(matrix: torch.Tensor, k: int, *,
+                  reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(S (m,), U (m, k)): all singular values and the top-k left singular vectors of a wide matrix (m, n ≥ m).
 
     Computed from the eigendecomposition of the Gram matrix A Aᵀ in float64 (m × m), several times
@@ -42,23 +69,13 @@ def left_spectrum(matrix: torch.Tensor, k: int, *, reference: torch.Tensor | Non
     (d × T·d). Squaring costs precision only in the tail: σᵢ is accurate to about 1e-8·σ_max, enough
     for spectra, stable ranks and the leading vectors. Signs follow the convention of `svd`.
     """
-    if matrix.ndim != 2 or matrix.shape[0] > matrix.shape[1]:
-        raise LLLMError(f"left_spectrum needs a wide 2-D matrix (m ≤ n), got shape {tuple(matrix.shape)}")
-    if not 1 <= k <= matrix.shape[0]:
-        raise ArgumentError(f"k must be between 1 and {matrix.shape[0]}, got {k}")
-    wide = matrix.to(torch.float64)
-    eigenvalues, vectors = torch.linalg.eigh(wide @ wide.mT)  # ascending
-    S = eigenvalues.flip(0).clamp_min(0).sqrt().to(matrix.dtype)
-    U = vectors.flip(1)[:, :k].to(matrix.dtype)
-    return S, U * orientation_signs(U[None], reference)[0]
+    return _left_from_gram(_gram(matrix, "left_spectrum"), k, reference, matrix.dtype)
 
 
 def singular_values_wide(matrix: torch.Tensor) -> torch.Tensor:
     """All singular values (m,) of a wide matrix (m, n ≥ m), from the float64 Gram eigenvalues (see left_spectrum)."""
-    if matrix.ndim != 2 or matrix.shape[0] > matrix.shape[1]:
-        raise LLLMError(f"singular_values_wide needs a wide 2-D matrix (m ≤ n), got shape {tuple(matrix.shape)}")
-    wide = matrix.to(torch.float64)
-    return torch.linalg.eigvalsh(wide @ wide.mT).flip(0).clamp_min(0).sqrt().to(matrix.dtype)
+    gram = _gram(matrix, "singular_values_wide")
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt().to(matrix.dtype)
 
 
 def stable_ranks_wide(matrices: torch.Tensor) -> list[float]:
@@ -69,15 +86,19 @@ def stable_ranks_wide(matrices: torch.Tensor) -> list[float]:
     """
     if matrices.ndim != 3 or matrices.shape[1] > matrices.shape[2]:
         raise LLLMError(f"stable_ranks_wide needs wide matrices (L, m, n ≥ m), got shape {tuple(matrices.shape)}")
-    ranks = []
-    for matrix in matrices:
-        wide = matrix.to(torch.float64)
-        gram = wide @ wide.mT  # (m, m)
-        largest = torch.linalg.eigvalsh(gram)[-1]
-        if largest <= 0:
-            raise LLLMError("the stable rank of a zero matrix is undefined (its largest singular value is 0)")
-        ranks.append(float(gram.diagonal().sum() / largest))
-    return ranks
+    return [_stable_rank_of_gram(_gram(matrix, "stable_ranks_wide")) for matrix in matrices]
+
+
+def wide_summary(matrix: torch.Tensor, k: int | None = None, *, reference: torch.Tensor | None = None):
+    """(S (m,), U (m, k) or None, stable rank) of a wide matrix from one Gram matrix: the same numbers as
+    `left_spectrum` (k given) or `singular_values_wide` (k None), and `stable_ranks_wide`, without forming
+    A Aᵀ (the costly m²·n product) once per function."""
+    gram = _gram(matrix, "wide_summary")
+    if k is None:
+        S, U = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt().to(matrix.dtype), None
+    else:
+        S, U = _left_from_gram(gram, k, reference, matrix.dtype)
+    return S, U, _stable_rank_of_gram(gram)
 
 
 def token_svds(result: JacobianResult, k: int | None = None) -> list[SVD]:

@@ -71,14 +71,13 @@ def _reduce(jacobians: LayerJacobians, components, k: int, reference: torch.Tens
     (L, d, k) too."""
     out: dict[str, dict] = {"spectra": {}, "top_u": {}, "stable_ranks": {}, "errors": {}}
     for comp in components:
-        matrices = [jacobians.combined(comp, ell) for ell in jacobians.layers]  # (d, T·d) each
-        if reference is None:
-            out["spectra"][comp] = torch.stack([dec.singular_values_wide(m) for m in matrices])
-        else:
-            pairs = [dec.left_spectrum(m, k, reference=reference) for m in matrices]
-            out["spectra"][comp] = torch.stack([s for s, _ in pairs])
-            out["top_u"][comp] = torch.stack([u for _, u in pairs])
-        out["stable_ranks"][comp] = layer_stable_ranks(jacobians, comp)
+        # one Gram matrix per layer (d, d) gives its spectrum, its top vectors and its stable rank
+        summaries = [dec.wide_summary(jacobians.combined(comp, ell), None if reference is None else k,
+                                      reference=reference) for ell in jacobians.layers]
+        out["spectra"][comp] = torch.stack([S for S, _, _ in summaries])
+        if reference is not None:
+            out["top_u"][comp] = torch.stack([U for _, U, _ in summaries])
+        out["stable_ranks"][comp] = [rank for _, _, rank in summaries]  # = layer_stable_ranks, bit for bit
         out["errors"][comp] = jacobians.relative_errors(comp)
     return out
 
@@ -202,7 +201,8 @@ def final_jacobian(model: nn.Module, tokenizer, token_ids: list[int], cumulative
 
 
 def layer_stable_ranks(jacobians: LayerJacobians, component: str) -> list[float]:
-    """Stable rank of each layer's token-combined map [J⁺ℓ,₀ … J⁺ℓ,T]: (d, T·d) per layer, from ‖J‖²_F and σ_max."""
+    """Stable rank of each layer's token-combined map [J⁺ℓ,₀ … J⁺ℓ,T]: (d, T·d) per layer, from ‖J‖²_F and
+    σ_max."""
     jac = jacobians.jacobian[component]  # (L, d_out, T, d_in)
     return dec.stable_ranks_wide(jac.reshape(*jac.shape[:2], -1))
 
