@@ -1,7 +1,8 @@
 """lllm against a faithful re-implementation of the reference method (benchmarks/reference.py), side by side.
 
     python benchmarks/harness.py [--quick] [--cases a,b,c,d] [--model smollm2-135m] [--out benchmarks]
-                                 [--reps-a 3] [--reps 3] [--time-cap 7200] [--tokens-d 8,16,...] [--chunks-c 8,32,64]
+                                 [--reps-a 3] [--reps 3] [--time-cap 7200] [--tokens-d 8,16,...]
+                                 [--chunks-c default,8,64] [--device cpu]
 
 Cases, each a section of RESULTS.md in --out (a run replaces only the sections of the cases it
 runs, so cases can be run one at a time), case d also writes time_vs_tokens.png:
@@ -11,7 +12,8 @@ a. the full per-prompt analysis data (`lllm.analyses.pipeline.analyze`) against 
    the agreement of every Jacobian, spectrum and stable rank;
 b. top-k singular triplets of the token-combined J⁺ at T tokens: matrix-free (`lllm.kernel.matfree`)
    against the full J then an SVD; per-token top-k of every J⁺ᵢ;
-c. peak memory at T tokens of lllm's full J⁺ for several chunk sizes, and of the matrix-free top-k;
+c. peak memory at T tokens of lllm's full J⁺ for several chunk sizes ("default": the adaptive
+   `default_chunk_size`, what a user gets), and of the matrix-free top-k;
 d. time against T: reference full J, lllm's chunked reverse-mode J⁺, matrix-free top-k.
 
 Protocol. In-process timing (case a; case d below `subprocess_from` tokens): the model is loaded
@@ -53,7 +55,7 @@ import lllm  # noqa: E402
 from benchmarks.matfree_t256 import TEXT  # noqa: E402
 from benchmarks.reference import COMPONENTS, full_jacobian, reference_analysis  # noqa: E402
 from lllm.analyses.pipeline import analyze  # noqa: E402
-from lllm.kernel.jacobian import embed, estimate_jacobian_bytes  # noqa: E402
+from lllm.kernel.jacobian import default_chunk_size, embed, estimate_jacobian_bytes  # noqa: E402
 from lllm.kernel.layers import cumulative_jacobians, layerwise_jacobians  # noqa: E402
 from lllm.kernel.matfree import DetachedOperator, all_token_topk, topk_svd  # noqa: E402
 
@@ -71,17 +73,18 @@ class Config:
     reps: int  # in-process repetitions of case d below `subprocess_from`
     tokens_b: int
     tokens_c: int
-    chunks_c: tuple[int, ...]
+    chunks_c: tuple[int | None, ...]  # None: lllm's default (adaptive) chunk size
     tokens_d: tuple[int, ...]
     subprocess_from: int  # T from which case d is timed by one fresh-subprocess run per method
-    chunk_size: int = 64  # lllm's full J⁺ in cases b and d (its default)
+    chunk_size: int | None = None  # lllm's full J⁺ in cases b and d; None: its default (adaptive)
     k: int = 8
     topk_options: dict = field(default_factory=lambda: {"block_size": 4, "power_iters": 8})
     time_cap: float = 7200.0  # seconds one subprocess may take, model load included
     memory_cap: float = 0.7  # of the memory available when a subprocess starts
+    device: str = "cpu"  # where the model and every buffer live ("cuda": benchmarks/gpu_check.sh)
 
 
-FULL = Config(reps_a=3, reps=3, tokens_b=256, tokens_c=512, chunks_c=(8, 32, 64),
+FULL = Config(reps_a=3, reps=3, tokens_b=256, tokens_c=512, chunks_c=(None, 8, 64),
               tokens_d=(8, 16, 32, 64, 128, 256, 512), subprocess_from=128)
 QUICK = Config(reps_a=1, reps=1, tokens_b=16, tokens_c=16, chunks_c=(4, 16), tokens_d=(8, 16), subprocess_from=16,
                chunk_size=16, k=4, topk_options={"block_size": 4, "power_iters": 4}, time_cap=600.0)
@@ -92,14 +95,16 @@ QUICK = Config(reps_a=1, reps=1, tokens_b=16, tokens_c=16, chunks_c=(4, 16), tok
 # ---------------------------------------------------------------------------------------------
 
 
-def load_model(name: str) -> tuple[torch.nn.Module, object]:
-    """(model, tokenizer) in float32: an lllm.load name, or "tiny-<family>" (tests/tiny.py) for smoke runs."""
+def load_model(name: str, device: str = "cpu") -> tuple[torch.nn.Module, object]:
+    """(model, tokenizer) in float32 on `device`: an lllm.load name, or "tiny-<family>" (tests/tiny.py) for smoke
+    runs."""
     if name.startswith("tiny-"):
         sys.path.insert(0, str(ROOT / "tests"))
-        from tiny import IdsTokenizer, tiny_model
+        from tiny import IdsTokenizer
+        from lllm.apps.zoo import tiny_model
 
-        return tiny_model(name.removeprefix("tiny-"), torch.float32), IdsTokenizer()
-    return lllm.load(name, dtype=torch.float32)
+        return tiny_model(name.removeprefix("tiny-"), torch.float32).to(device), IdsTokenizer()
+    return lllm.load(name, dtype=torch.float32, device=device)
 
 
 def prompt_ids(model: torch.nn.Module, tokenizer, name: str, n_tokens: int | None) -> list[int]:
@@ -117,10 +122,18 @@ def prompt_ids(model: torch.nn.Module, tokenizer, name: str, n_tokens: int | Non
 # ---------------------------------------------------------------------------------------------
 
 
+def _synchronize() -> None:
+    """Wait for queued GPU work, so that a timing includes it (CUDA kernels run asynchronously)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable, *args, **kwargs):
     """(seconds, result) of one call."""
+    _synchronize()
     start = time.perf_counter()
     result = fn(*args, **kwargs)
+    _synchronize()
     return time.perf_counter() - start, result
 
 
@@ -146,11 +159,13 @@ def full_then_svds(model, tokenizer, ids, source: str, chunk_size: int | None = 
     The SVDs are full thin SVDs (U, S and Vh), as the reference computes them. Returns the seconds of
     each phase and the singular values.
     """
+    out: dict = {"phases": {}}
     if source == "reference":
         seconds, jac = timed(reference_full, model, tokenizer, ids)
     else:
+        out["chunk_size"] = chunk_size or default_chunk_size(model, len(ids), model.dtype)  # what lllm will take
         seconds, jac = timed(lllm_full, model, tokenizer, ids, chunk_size)
-    out = {"phases": {"jacobian": seconds}}
+    out["phases"]["jacobian"] = seconds
     if k is not None:
         seconds, svd = timed(torch.linalg.svd, jac.reshape(jac.shape[0], -1), full_matrices=False)
         out["phases"]["svd of the combined J"], out["sigma"] = seconds, svd.S[:k].tolist()
@@ -196,16 +211,20 @@ def peak_rss_during(fn: Callable) -> tuple[dict, object]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
     figures["seconds"], result = timed(fn)
     done.set()
     sampler.join()
     figures["peak_rss"] = max(peak[0], process.memory_info().rss)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        figures["cuda_peak"] = torch.cuda.max_memory_allocated()  # the GPU's own peak: RSS is host memory only
     return figures, result
 
 
 def worker(job: dict) -> None:
     """Run one job in this (fresh) process; print its figures (and a dict result) as one JSON line."""
-    model, tokenizer = load_model(job["model"])
+    model, tokenizer = load_model(job["model"], job.get("device", "cpu"))
     ids = prompt_ids(model, tokenizer, job["model"], job["tokens"])
     figures, result = peak_rss_during(lambda: METHODS[job["method"]](model, tokenizer, ids, **job["options"]))
     figures["lifetime_max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
@@ -250,7 +269,7 @@ class Bench:
 
     def __init__(self, name: str, config: Config):
         self.name, self.config = name, config
-        self.model, self.tokenizer = load_model(name)
+        self.model, self.tokenizer = load_model(name, config.device)
         self.measured: dict[str, dict] = {}
 
     def ids(self, n_tokens: int | None) -> list[int]:
@@ -262,7 +281,7 @@ class Bench:
 
     def fresh(self, method: str, n_tokens: int | None, **options) -> dict:
         """One run in a fresh subprocess, shared by every case that asks for the same job: figures, or "failed"."""
-        job = {"model": self.name, "method": method, "tokens": n_tokens,
+        job = {"model": self.name, "device": self.config.device, "method": method, "tokens": n_tokens,
                "options": {k: v for k, v in options.items() if v is not None}}
         key = json.dumps(job, sort_keys=True)
         if key not in self.measured:
@@ -295,6 +314,13 @@ def _gib(m: dict, key: str = "peak_rss") -> str:
 
 def _increase(m: dict) -> str:
     return "—" if "failed" in m else f"{(m['peak_rss'] - m['baseline_rss']) / GIB:.2f}"
+
+
+def _chunk_text(chunk_size: int | None, m: dict) -> str:
+    """How lllm's full J⁺ was chunked in a fresh run: the size asked for, or the default and what it chose."""
+    if chunk_size:
+        return f"chunk_size={chunk_size}"
+    return f"default options: chunk_size={m.get('values', {}).get('chunk_size', '?')}, adaptive"
 
 
 def _phase(m: dict, *names: str) -> float | None:
@@ -418,7 +444,7 @@ def case_b(bench: Bench) -> str:
         f"{', '.join(f'{a}={v}' for a, v in opts.items())})`, a seeded block-Krylov randomized SVD (opening the "
         f"operator included); per-token: `all_token_topk(k={k})` (auto strategy, memory-bounded; it chose "
         f"{tokens['values']['strategy']!r}). **Full J + SVD**: the reference's `jacobian(vectorize=True)`, or "
-        f"lllm's chunked reverse mode (chunk_size={cfg.chunk_size}), then full thin SVDs of the combined matrix "
+        f"lllm's chunked reverse mode ({_chunk_text(cfg.chunk_size, full)}), then full thin SVDs of the combined matrix "
         "and of every block. One fresh subprocess per method, alternating; seconds exclude the model load.",
         "",
         "| task | matfree s | reference J + SVD s | lllm J + SVD s | matfree vs reference | matfree vs lllm J |",
@@ -453,8 +479,10 @@ def case_c(bench: Bench) -> str:
     rows = []
     for chunk in cfg.chunks_c:
         m = bench.fresh("full_then_svds", T, source="lllm", chunk_size=chunk)
-        estimate = estimate_jacobian_bytes(bench.model, T, chunk, torch.float32)
-        rows.append(f"| full J⁺, chunk_size={chunk} | {_gib(m)} | {_increase(m)} | {estimate / GIB:.2f} | "
+        taken = chunk or m.get("values", {}).get("chunk_size")  # the default, as the worker chose it
+        estimate = "—" if taken is None else f"{estimate_jacobian_bytes(bench.model, T, taken, torch.float32) / GIB:.2f}"
+        label = f"chunk_size={chunk}" if chunk else f"default options (it chose chunk_size={taken})"
+        rows.append(f"| full J⁺, {label} | {_gib(m)} | {_increase(m)} | {estimate} | "
                     f"{_secs(_phase(m, 'jacobian')) if 'failed' not in m else m['failed']} |")
     m = bench.fresh("matfree_topk", T, k=cfg.k, **cfg.topk_options)
     rows.append(f"| matrix-free top-{cfg.k} | {_gib(m)} | {_increase(m)} | — | "
@@ -585,7 +613,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, help="in-process repetitions of case d's short prompts (default 3)")
     parser.add_argument("--time-cap", type=float, help="seconds a fresh subprocess may take (default 7200)")
     parser.add_argument("--tokens-d", help="comma-separated prompt lengths of case d (default 8,16,…,512)")
-    parser.add_argument("--chunks-c", help="comma-separated chunk sizes of case c (default 8,32,64)")
+    parser.add_argument("--chunks-c", help="comma-separated chunk sizes of case c, 'default' for lllm's own "
+                        "(default: default,8,64)")
+    parser.add_argument("--device", help="where the model runs: cpu (default) or cuda")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -596,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--cases must be a comma-separated subset of a,b,c,d, got {args.cases!r}")
     overrides = {"reps_a": args.reps_a, "reps": args.reps, "time_cap": args.time_cap,
                  "tokens_d": args.tokens_d and tuple(int(t) for t in args.tokens_d.split(",")),
-                 "chunks_c": args.chunks_c and tuple(int(c) for c in args.chunks_c.split(","))}
+                 "chunks_c": args.chunks_c and tuple(None if c == "default" else int(c) for c in args.chunks_c.split(",")),
+                 "device": args.device}
     config = dataclasses.replace(QUICK if args.quick else FULL, **{k: v for k, v in overrides.items() if v is not None})
     args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(args.model, config)
@@ -607,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"case {case}", flush=True)
         body = case_d(bench, args.out) if case == "d" else globals()[f"case_{case}"](bench)
         sections[case] = body + (
-            f"\n\n*Run {started.isoformat(timespec='minutes')}, `{command}`, {args.model} float32, "
+            f"\n\n*Run {started.isoformat(timespec='minutes')}, `{command}`, {args.model} float32 on {config.device}, "
             f"{(time.perf_counter() - clock) / 60:.1f} min; load average (1/5/15 min) {load_start} at the start of "
             f"the case, {load_average()} at its end; {psutil.virtual_memory().available / GIB:.1f} GiB available at "
             "the end.*")
@@ -623,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
         *[f"| {k} | {v} |" for k, v in machine()],
         "",
     ])
+    if config.device.startswith("cuda"):
+        header += f"\n| GPU | {torch.cuda.get_device_name(config.device)} |\n"
     write_results(args.out / "RESULTS.md", header, sections)
     print(f"wrote {args.out / 'RESULTS.md'}")
     return 0

@@ -4,13 +4,25 @@ This module also holds the `lllm sweep` loaders of tiny models: a loader is name
 by name in Dask workers and CLI subprocesses, which reach tests/ on their path but not the test modules.
 """
 
+import os
 import random
 import time
 
+import torch
+
+from lllm.apps import zoo
 from lllm.apps.zoo import (  # noqa: F401
     ARCHITECTURES, COMMON, FAMILY_CONFIGS, IdsTokenizer, check_architecture, lm_head_reads, randomize,
-    tiny_architecture, tiny_model,
+    tiny_architecture,
 )
+
+# Where tiny_model puts its models: "cpu", or "cuda" for benchmarks/gpu_check.sh, which runs the family tests there.
+DEVICE = torch.device(os.environ.get("LLLM_TEST_DEVICE", "cpu"))
+
+
+def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):
+    """lllm.apps.zoo.tiny_model on the test device (LLLM_TEST_DEVICE, default cpu)."""
+    return zoo.tiny_model(family, dtype, seed, **overrides).to(DEVICE)
 
 # The forward sweep replays one recorded forward on a batch of basis vectors; these select rows by x-dependent
 # indices (MoE routing) or flatten the batch into the token axis (OPT) or reshape frozen scores with the batch

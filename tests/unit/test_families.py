@@ -3,6 +3,7 @@
 
 J⁺'s reconstruction error in the default split, the ordinary Jacobian in float64 and the model after exit are
 tested on every architecture (these families included, the same tiny models) in test_oplevel.py.
+benchmarks/gpu_check.sh runs this module on CUDA (LLLM_TEST_DEVICE=cuda, see tests/tiny.py).
 """
 
 import pytest
@@ -18,7 +19,7 @@ MAX_ERROR = {torch.float32: 5e-6, torch.float64: 1e-12}
 
 
 def _logits(model, prompt=PROMPT):
-    ids = torch.tensor([[int(t) for t in prompt.split()]])
+    ids = torch.tensor([[int(t) for t in prompt.split()]], device=model.device)
     return model(ids).logits
 
 
@@ -41,7 +42,8 @@ def test_y_is_the_models_hidden_state_and_the_gate_split_is_exact_too(family, dt
     # same computation, bit for bit. In float64 transformers runs its norms and softmax in float32 while lllm keeps
     # float64, so they agree to float32 precision only (test_oplevel checks float64 against a float64 computation).
     with torch.no_grad():
-        hidden = model(torch.tensor([result.token_ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+        ids = torch.tensor([result.token_ids], device=model.device)
+        hidden = model(ids, output_hidden_states=True).hidden_states[-1][0, -1]
     if dtype == torch.float32:
         assert torch.equal(result.output, hidden)
     else:
