@@ -61,7 +61,7 @@ from lllm.kernel.matfree import DetachedOperator, all_token_topk, topk_svd  # no
 
 PROMPT = "The bridge out of Marin is the"  # the paper's prompt: 7 SmolLM2 tokens
 RESULT_MARK = "HARNESS-RESULT "  # prefix of the worker's JSON line on stdout
-OUT_OF_MEMORY = ("can't allocate memory", "MemoryBudgetError", "MemoryError")  # in a worker's last stderr line
+OUT_OF_MEMORY = ("can't allocate memory", "MemoryBudgetError", "MemoryError", "OutOfMemoryError")  # in a worker's last stderr line
 GIB = 2**30
 
 
