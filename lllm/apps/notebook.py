@@ -6,19 +6,25 @@
 
 from __future__ import annotations
 
+import html
+import os
+import textwrap
 import warnings
 from typing import Any
 
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.text import Text
 from torch import nn
 
 from lllm.analyses.pipeline import PromptAnalysis
-from lllm.apps.plots import load_analysis, model_name
+from lllm.apps.plots import load_analysis, model_name, save_figure
 from lllm.defaults import DEFAULT_PROMPT
 from lllm.io.models import load
 
 STYLE = {"figure.dpi": 90, "axes.titlesize": 10, "axes.labelsize": 9}  # the figures of every page
+PAGE_WIDTH_PX = 688  # the widest a cell's image is shown on a book page at 1280 × 800 (measured in Chromium)
+MIN_FONT_PX = 12  # 9 pt: the smallest text a reader should meet in a figure, at the size the page shows it
 
 
 def setup(prompt: str | None = None) -> str:
@@ -51,3 +57,71 @@ def load_and_analyze(model: str, prompt: str, dtype: str, fast: bool,
     analysis = load_analysis(net, tokenizer, prompt, fast, layers)
     display(Markdown(header(net, analysis, dtype)))
     return net, tokenizer, analysis
+
+
+def _texts(fig: plt.Figure) -> list[Text]:
+    """The visible, non-empty texts of fig (tick labels included, once drawn)."""
+    return [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+
+
+def smallest_font_px(fig: plt.Figure, page_px: int = PAGE_WIDTH_PX) -> float:
+    """The smallest text of fig in CSS pixels where a page `page_px` wide shows it (shrunk, never enlarged)."""
+    fig.canvas.draw()  # creates the tick labels
+    shown = min(1.0, page_px / (fig.get_figwidth() * fig.dpi))  # the inline image is fig's size at its dpi
+    return min((t.get_fontsize() for t in _texts(fig)), default=float("inf")) * fig.dpi / 72 * shown
+
+
+def readable(fig: plt.Figure, page_px: int = PAGE_WIDTH_PX) -> float:
+    """Enlarge fig's text so that none is smaller than 9 pt where the page shows it, wrapping titles to their axes
+    so that the larger text still fits; the factor applied (1.0: fig was readable already)."""
+    factor = MIN_FONT_PX / smallest_font_px(fig, page_px)
+    if factor <= 1.0:
+        return 1.0
+    ticks = set()
+    for ax in fig.axes:  # tick labels are re-created on every draw: scale them through their axis
+        for axis in (ax.xaxis, ax.yaxis):
+            for which in ("major", "minor"):
+                labels = axis.get_ticklabels(which=which)
+                ticks.update(labels)
+                shown = [t for t in labels if t.get_text()]
+                if shown:
+                    axis.set_tick_params(which=which, labelsize=shown[0].get_fontsize() * factor)
+    for text in _texts(fig):
+        if text not in ticks:
+            text.set_fontsize(text.get_fontsize() * factor)
+    for ax in fig.axes:  # a title may now be wider than its axes
+        width_pt = ax.get_position().width * fig.get_figwidth() * 72
+        for title in (ax.title, ax._left_title, ax._right_title):
+            if title.get_text():
+                chars = max(12, int(width_pt / (0.55 * title.get_fontsize())))
+                title.set_text(textwrap.fill(" ".join(title.get_text().split()), chars))
+    if fig._suptitle is not None:
+        chars = max(20, int(fig.get_figwidth() * 72 / (0.55 * fig._suptitle.get_fontsize())))
+        fig._suptitle.set_text(textwrap.fill(" ".join(fig._suptitle.get_text().split()), chars))
+    fig.tight_layout()
+    return factor
+
+
+def show_figure(fig: plt.Figure, output_dir: str | os.PathLike, name: str, caption: str) -> None:
+    """A page's figure: made readable at page width, saved (png, svg), shown, and captioned under it.
+
+    The caption is an HTML paragraph of class "lllm-caption"; it carries the figure's smallest displayed text size
+    (data-font-pt, data-dpi) so that the book's browser test can check it at the width the page really shows it.
+    """
+    from IPython.display import display  # IPython comes with the notebooks' kernel (the book extra)
+
+    readable(fig)
+    save_figure(fig, output_dir, name)
+    smallest = min((t.get_fontsize() for t in _texts(fig)), default=0.0)
+    dpi = fig.dpi
+    plt.show()
+    display(figure_caption(caption, font_pt=smallest, dpi=dpi))
+
+
+def figure_caption(text: str, *, font_pt: float | None = None, dpi: float | None = None):
+    """The caption under a figure, as HTML (class "lllm-caption"); with the figure's smallest font and dpi when
+    known (show_figure), for the browser test's size check."""
+    from IPython.display import HTML
+
+    data = "" if font_pt is None else f' data-font-pt="{font_pt:.2f}" data-dpi="{dpi:g}"'
+    return HTML(f'<p class="lllm-caption"{data}><strong>Figure.</strong> {html.escape(text)}</p>')

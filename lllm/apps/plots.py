@@ -11,13 +11,10 @@ that two notebooks need lives here, so that every page computes a quantity the s
 - `save_figure`, `figure_title`: every figure saved as PNG and SVG, titled with model and prompt.
 - `plot_reconstruction` (Fig 3, A1), `plot_token_spectra` (Fig 4B, 5, A1), `svd_decoding_table`
   (Fig 4B, 5, A1), `layer_decoding_table` and `highlight` (Tables 1–3).
-- `paper_claims`: the "Paper vs. this book" verdicts, each a measured number against an explicit
-  threshold.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Sequence
@@ -34,8 +31,7 @@ from lllm.analyses.pipeline import PromptAnalysis, cached_analyze
 from lllm.errors import LLLMError
 from lllm.kernel.jacobian import JacobianResult, detached_jacobian
 from lllm.analyses.steering import SteeringResult, default_layer, lambda_sweep
-from lllm.apps.steering_tables import concept_appears
-from lllm.io.codecs import computation_fields, dtype_name, record_to_result, result_to_record
+from lllm.io.codecs import computation_fields, record_to_result, result_to_record
 from lllm.io.store import ResultCache
 
 FIGURE_FORMATS = ("png", "svg")
@@ -79,6 +75,27 @@ def cached_jacobian(model: nn.Module, tokenizer, prompt: str, *, mlp_split: str 
                                  model=model, prompt=prompt, options=options),
     )
     return record_to_result(tensors, meta)
+
+
+# A float16 J⁺ on this kind of CPU is slow (float16 matrix products are not vectorized there): 183 s for SmolLM2's
+# 135M parameters on one thread. Larger models get it on CUDA, or when a notebook asks for it.
+FLOAT16_CPU_MAX_PARAMETERS = 200_000_000
+
+
+def float16_jacobian(model: str, prompt: str, loaded: nn.Module, *, force: bool = False) -> JacobianResult | str | None:
+    """The J⁺ of `model` (a name for lllm.load; `loaded` is it in another dtype) in float16, through the results
+    cache; None where it is not computed (on the CPU, a model of more than FLOAT16_CPU_MAX_PARAMETERS, unless
+    `force`); the error's text where float16 fails (Gemma 3 overflows it)."""
+    from lllm.io.models import load
+
+    parameters = sum(p.numel() for p in loaded.parameters())
+    if not force and loaded.device.type == "cpu" and parameters > FLOAT16_CPU_MAX_PARAMETERS:
+        return None
+    net, tokenizer = load(model, dtype="float16")
+    try:
+        return cached_jacobian(net, tokenizer, prompt)
+    except LLLMError as error:
+        return f"failed: {type(error).__name__}: {str(error).splitlines()[0]}"
 
 
 def cached_lambda_sweep(
@@ -217,140 +234,3 @@ def highlight(table: pd.DataFrame, words: Sequence[str]):
 def predicted_token(analysis: PromptAnalysis) -> str:
     """The greedy next token of the analyzed prompt."""
     return analysis.meta["next_tokens"][0]["token"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Paper vs. this book
-# ---------------------------------------------------------------------------------------------
-
-REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_MEASURED = "reproduced", "partly", "not reproduced", "not measured"
-VERDICT_COLORS = {REPRODUCED: "#c8ecc8", PARTLY: "#fff0b3", NOT_REPRODUCED: "#f7c6c6", NOT_MEASURED: "#e4e4e4"}
-
-
-def _verdict(ok: bool | None, partly: bool = False) -> str:
-    if ok is None:
-        return NOT_MEASURED
-    return REPRODUCED if ok else PARTLY if partly else NOT_REPRODUCED
-
-
-# A trend with depth counts as the paper's when the rank correlation with the layer is at least this strong: a
-# model whose values merely end lower than they start, or wander (ρ = −0.14), shows it only partly.
-STRONG_TREND = -0.5
-
-
-def _is_decreasing(values: Sequence[float]) -> tuple[float, bool]:
-    """Spearman ρ between position and values, and whether ρ ≤ STRONG_TREND (at least 3 values)."""
-    from scipy.stats import spearmanr
-
-    if len(values) < 3:
-        return math.nan, False
-    rho = float(spearmanr(np.arange(len(values)), values).statistic)
-    return rho, rho <= STRONG_TREND
-
-
-def paper_claims(
-    analysis: PromptAnalysis,
-    *,
-    float64_error: float | None = None,
-    steering: Sequence[Sequence] | None = None,
-    concept_word: str = "Golden",
-    bos_token_id: int | None = None,
-) -> pd.DataFrame:
-    """One row per claim of the paper: what it says, the threshold, our measurement, the verdict.
-
-    analysis: the model's PromptAnalysis in the working dtype (float32 expected for the error claim).
-    float64_error: the float64 reconstruction error, or None when it was not measured.
-    steering: per steered prompt, its λ sweep (SteeringResults), or None when not run.
-    bos_token_id: the tokenizer's BOS token; the BOS claim is measured only on a prompt that starts with it.
-    """
-    meta = analysis.meta
-    dtype = dtype_name(analysis.final.jacobian.dtype)
-    rows = []
-
-    def claim(name: str, paper: str, threshold: str, measured: str, verdict: str) -> None:
-        rows.append({"claim": name, "paper": paper, "threshold (ours)": threshold, "measured": measured,
-                     "verdict": verdict})
-
-    err = meta["relative_error"]
-    claim("J⁺ reconstructs y", "relative error ≈ 1e-6 in float32", "error < 1e-5 in float32",
-          f"{err:.2e} ({dtype})", _verdict(err < 1e-5) if dtype == "float32" else NOT_MEASURED)
-    claim("float64 makes it exact", "no figure given (the paper reports float32 and float16)",
-          "error < 1e-12 in float64",
-          "—" if float64_error is None else f"{float64_error:.2e}",
-          _verdict(None if float64_error is None else float64_error < 1e-12))
-    ordinary = meta["ordinary_relative_error"]
-    claim("the ordinary J does not", "its reconstruction does not fall on the identity line (Fig. 3)",
-          "ordinary error > 0.1 (partly: > 1000 × the J⁺ error)",
-          f"{ordinary:.3g}", _verdict(ordinary > 0.1, partly=ordinary > 1e3 * err))
-
-    token_ranks = meta["token_stable_rank"]
-    d = analysis.final.jacobian.shape[0]
-    worst = max(token_ranks)
-    claim("J⁺ᵢ are extremely low rank", "few singular vectors carry the map",
-          f"every stable rank < 1% of d = {d} (partly: < 10%)",
-          f"max stable rank {worst:.2f} over {len(token_ranks)} tokens", _verdict(worst < 0.01 * d,
-                                                                                    partly=worst < 0.1 * d))
-
-    predicted = meta["next_tokens"][0]["id"]
-    last = meta["token_decodings"][-1]
-    u_top5 = [i for e in last for i in e["u"]["ids"]]
-    claim("top U decodes to the prediction", "U₁ of the last token decodes to the predicted token",
-          "U₁'s top token = greedy prediction (partly: in the top 5 of U₁…U₃)",
-          f"prediction {meta['next_tokens'][0]['token']!r}, U₁ → {last[0]['u']['tokens'][0]!r}",
-          _verdict(last[0]["u"]["ids"][0] == predicted, partly=predicted in u_top5))
-
-    input_ids = set(meta["token_ids"])
-    v_hits = [any(i in input_ids for i in entries[0]["v"]["ids"]) for entries in meta["token_decodings"]]
-    claim("V decodes to input tokens", "V of J⁺ᵢ decodes to variants of the input tokens",
-          "V₁ of every J⁺ᵢ has an input token among its top 5 (partly: at least half)",
-          f"{sum(v_hits)} of {len(v_hits)} tokens", _verdict(all(v_hits), partly=2 * sum(v_hits) >= len(v_hits)))
-
-    first = float(analysis.token_spectra[0, 0])
-    biggest = int(analysis.token_spectra[:, 0].argmax())
-    starts_with_bos = bos_token_id is not None and meta["token_ids"][0] == bos_token_id
-    claim("the first token has the largest spectrum", "the first (BOS) token's spectrum has the highest magnitude",
-          "argmaxᵢ σ₁(J⁺ᵢ) = 0, on a prompt that starts with the BOS token",
-          f"largest σ₁ at token {biggest} {meta['tokens'][biggest]!r} ({float(analysis.token_spectra[biggest, 0]):.3g};"
-          f" token 0: {first:.3g})" if starts_with_bos else "— (the prompt has no BOS token)",
-          _verdict(biggest == 0) if starts_with_bos else NOT_MEASURED)
-
-    ranks = analysis.stable_ranks("cumulative")
-    layers = analysis.layers
-    rho, decreasing = _is_decreasing(ranks["layer"])
-    claim("dimensionality decreases with depth", "cumulative stable rank falls layer by layer (Fig 6C)",
-          f"Spearman ρ(layer, stable rank) ≤ {STRONG_TREND} and last < first (partly: last < first)",
-          f"ρ = {rho:+.2f}; layer {layers[0]}: {ranks['layer'][0]:.2f} → "
-          f"layer {layers[-1]}: {ranks['layer'][-1]:.2f}",
-          _verdict(decreasing and ranks["layer"][-1] < ranks["layer"][0],
-                   partly=ranks["layer"][-1] < ranks["layer"][0]) if len(layers) >= 3 else NOT_MEASURED)
-
-    spectra = analysis.layer_spectra["layer"].double()
-    tail = (spectra[:, 1:10] / spectra[:, :1]).mean(dim=1)  # how far σ₂…σ₁₀ stand below σ₁, per layer
-    tail_rho, tail_falls = _is_decreasing(tail.tolist())
-    claim("later layers are lower rank", "normalized spectra fall faster in later layers (Fig 6A)",
-          f"Spearman ρ(layer, mean σ₂..₁₀/σ₁) ≤ {STRONG_TREND} over the analyzed layers (partly: last < first)",
-          f"ρ = {tail_rho:+.2f}; {float(tail[0]):.3f} (layer {layers[0]}) → {float(tail[-1]):.3f} (layer {layers[-1]})",
-          _verdict(tail_falls, partly=bool(tail[-1] < tail[0])) if len(layers) >= 3 else NOT_MEASURED)
-
-    decodes = [any(e["ids"][0] == predicted for e in entries) for entries in meta["layer_decodings"]]
-    emerged = [ell for ell, hit in zip(layers, decodes) if hit]
-    half = layers[len(layers) // 2]
-    before_last = [ell for ell in emerged if ell != layers[-1]]  # the last layer's map is lm_head's own: not evidence
-    claim("decodings become intelligible in later layers", "the prediction appears in later-layer decodings "
-          "(Tables 1–3)", f"the prediction is the top token of a top-3 vector in some layer from {half} on, before the "
-          f"last, and not in layer {layers[0]} (partly: in the last layer only, or also early)",
-          f"layers where it appears: {emerged or 'none'}",
-          _verdict(bool(before_last) and min(emerged) >= half and not decodes[0], partly=bool(emerged)))
-
-    if steering is None:
-        claim("steering with J⁺ of a concept", "the concept appears in steered continuations (Table 4)",
-              f"{concept_word!r} in some steered (λ<1) continuation and not in the normal one", "—", NOT_MEASURED)
-    else:
-        steered = [any(concept_appears(r, concept_word) for r in sweep if r.lam < 1) for sweep in steering]
-        identity = all(r.steered_ids == r.normal_ids for sweep in steering for r in sweep if r.lam == 1)
-        claim("steering with J⁺ of a concept", "the concept appears in steered continuations (Table 4)",
-              f"{concept_word!r} in some steered (λ<1) continuation and not in the normal one, for every prompt; "
-              "λ = 1 leaves the output unchanged",
-              f"{sum(steered)} of {len(steered)} prompts steered; λ = 1 identical: {identity}",
-              _verdict(all(steered) and identity, partly=any(steered)))
-    return pd.DataFrame(rows)

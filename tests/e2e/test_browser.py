@@ -1,5 +1,6 @@
 """The built book in headless Chromium: pages render, images load, MathJax typesets, nothing leaves the machine,
-and a reader at 1280 × 800 sees results first: code collapsed, nothing wider than the page, no machine paths.
+and a reader at 1280 × 800 sees results first: code collapsed, nothing wider than the page, no machine paths, every
+figure captioned and its smallest text at least about 9 pt at the width the page shows it.
 
 Serves book/_build/html on 127.0.0.1 from a background thread and drives Debian's Chromium through
 Playwright. It checks the test book (tests/tiny_book.py, fixture `built_book`: tiny-model notebooks), and also the
@@ -24,6 +25,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOTS = REPO / "book" / "_build" / "screenshots"
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+MIN_TEXT_PX = 11.5  # about 9 pt (12 CSS px), with room for rounding: the smallest text a figure may show
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed (apt-get install chromium)")
 
@@ -116,6 +118,14 @@ def check_page(browser, url: str, *, min_images: int, min_math: int, machine_pat
         const column = document.querySelector('.bd-article') || document.querySelector('article');
         return [column.scrollWidth, column.clientWidth, document.documentElement.scrollWidth, window.innerWidth]; }""")
     assert widths[0] <= widths[1] + 1 and widths[2] <= widths[3], f"{url}: content wider than the page: {widths}"
+    figures = page.evaluate("""() => [...document.querySelectorAll('.cell_output img')].map(img => {
+        const caption = img.closest('.cell_output').querySelector('.lllm-caption');
+        const pt = caption ? parseFloat(caption.dataset.fontPt) : NaN, dpi = caption ? parseFloat(caption.dataset.dpi) : NaN;
+        return [img.currentSrc || img.src, !!caption, pt * dpi / 72 * img.width / img.naturalWidth]; })""")
+    uncaptioned = [src for src, captioned, _ in figures if not captioned]
+    assert not uncaptioned, f"{url}: figures without a caption: {uncaptioned}"
+    small = [(src, round(px, 1)) for src, _, px in figures if px == px and px < MIN_TEXT_PX]  # px == px: not NaN
+    assert not small, f"{url}: figure text smaller than about 9 pt at page width (CSS px): {small}"
     cells = page.locator("div.cell_input")
     shown_code = sum(cells.nth(i).is_visible() for i in range(cells.count()))  # collapsed: inside a closed <details>
     assert shown_code == 0, f"{url}: {shown_code} code cells are shown before the reader asks for them"

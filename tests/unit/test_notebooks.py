@@ -54,3 +54,14 @@ def test_the_paper_is_quoted_verbatim(chapter):
     where, quote = SPECS[chapter].paper
     assert words(quote) in words(PAPER.read_text()), f"{chapter}: {quote!r} is not the paper's wording"
     assert where.startswith(("Fig. ", "Table ", "Sec. "))
+
+
+@pytest.mark.skipif(not PAPER.exists(), reason=f"the paper's text is not at {PAPER}")
+def test_every_claim_of_paper_vs_book_quotes_the_paper_verbatim():
+    from lllm.apps.claims import CLAIMS
+
+    words = lambda text: " ".join(text.split())  # noqa: E731  (line breaks and double spaces do not count)
+    paper = words(PAPER.read_text())
+    for claim in CLAIMS:
+        assert words(claim.quote) in paper, f"{claim.name}: {claim.quote!r} is not the paper's wording"
+        assert claim.where.startswith(("Fig. ", "Table ", "Sec. "))

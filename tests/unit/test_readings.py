@@ -64,3 +64,39 @@ def test_readings_hold_no_math_markup(analysis):
     """A notebook's markdown output is not typeset: a "$y$" would be shown as it is written."""
     for reading in (readings.reconstruction, readings.spectra, readings.depth, readings.emergence):
         assert "$" not in reading(analysis, "tiny", "float32")
+
+
+def test_generation_reads_every_steps_error_and_largest_stable_rank():
+    from lllm import generate_with_jacobians, per_token_stable_rank
+
+    model, tok = tiny_loader(SWEEP_MODEL, torch.float32)
+    result = generate_with_jacobians(model, tok, PROMPT, n_tokens=2, progress=False)
+    text = readings.generation(result, "tiny", "float32")
+    worst = max(step.jacobian.relative_error for step in result.steps)
+    rank = max(float(per_token_stable_rank(step.jacobian).max()) for step in result.steps)
+    assert f"at most {worst:.1e}" in text and f"above {rank:.2f}" in text and "2 steps" in text
+
+
+def test_across_models_counts_the_models_whose_u1_decodes_the_prediction(analysis):
+    prediction = analysis.meta["next_tokens"][0]["token"]
+    hit = copy.deepcopy(analysis.meta["token_decodings"])
+    hit[-1][0]["u"]["tokens"] = [prediction]
+    miss = copy.deepcopy(hit)
+    miss[-1][0]["u"]["tokens"] = ["<none>"]
+    analyses = {"a": with_meta(analysis, token_decodings=hit), "b": with_meta(analysis, token_decodings=miss)}
+    text = readings.across_models(analyses, "float32")
+    assert "on 1 of 2 models (a)" in text and f"{max(analysis.meta['token_stable_rank']):.2f}" in text
+
+
+def test_steering_counts_the_prompts_the_concept_word_entered():
+    from lllm.analyses.steering import lambda_sweep
+
+    model, tok = tiny_loader(SWEEP_MODEL, torch.float32)
+    sweep = lambda_sweep(model, tok, "3 9 27", "5 17 33", [1.0, 0.0], n_tokens=3)
+    word = tok.decode(sweep[-1].steered_ids[:1]).strip() or "<none>"
+    text = readings.steering({"5 17 33": sweep}, word, "tiny", "float32")
+    entered = word.lower() in sweep[-1].steered_text.lower() and word.lower() not in sweep[-1].normal_text.lower()
+    assert f"into the continuation of {int(entered)} of 1 prompts" in text
+    assert "of 1 prompts" in readings.steering({"5 17 33": sweep}, "zzz-not-a-token", "tiny", "float32")
+    assert "into the continuation of 0 of 1" in readings.steering({"5 17 33": sweep}, "zzz-not-a-token", "tiny",
+                                                                  "float32")

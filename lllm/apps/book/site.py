@@ -20,6 +20,7 @@ from lllm.apps.book.notebooks import (
 )
 from lllm.apps.book.runs import Failure, Run, code_fingerprint, plan
 from lllm.apps.book.execute import BookReport, execute_all, python_path_with_this_lllm
+from lllm.apps.book.headline import write_headline
 
 
 def chapter_page(spec: NotebookSpec, runs: Sequence[Run], failures: Sequence[Failure], prompt: str, dtype: str,
@@ -151,6 +152,8 @@ def build_book(
     runs = plan(specs, models, prompt, dtype, fast, book_dir, code_fingerprint())
     report = execute_all(runs, jobs=jobs, force=force, progress=progress)
     report.toc = write_toc(book_dir, specs, runs, report.failures, prompt, dtype, fast)
+    failed = {(f.chapter, f.model) for f in report.failures}
+    write_headline(book_dir, [r.figures for r in runs if (r.notebook.chapter, r.model) not in failed])
     if build:
         report.built, report.build_seconds, report.build_log, problems = build_html(book_dir)
         if report.built:
