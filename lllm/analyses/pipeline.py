@@ -36,7 +36,7 @@ from lllm.validation import check_choice, check_components, check_layers
 ANALYSIS_KIND = "analysis"
 # Part of the cache key: bumped when what an analysis holds changes (2: next tokens from the model's own logits;
 # 3: stable ranks from ‖J‖²_F and σ_max, stored in meta).
-ANALYSIS_FORMAT = 3
+ANALYSIS_FORMAT = 4
 
 
 @dataclass
@@ -68,8 +68,8 @@ class PromptAnalysis:
 def _reduce(jacobians: LayerJacobians, components, k: int, reference: torch.Tensor | None) -> dict:
     """What the figures read of a group of layer Jacobians, per component: the spectra (L, d), the stable ranks and
     the reconstruction errors; with a reference (cumulative maps, oriented by y) the top-k left singular vectors
-    (L, d, k) too."""
-    out: dict[str, dict] = {"spectra": {}, "top_u": {}, "stable_ranks": {}, "errors": {}}
+    (L, d, k) too, and for the layer output the top-k right singular vectors (L, k, T·d)."""
+    out: dict[str, dict] = {"spectra": {}, "top_u": {}, "top_v": {}, "stable_ranks": {}, "errors": {}}
     for comp in components:
         # one Gram matrix per layer (d, d) gives its spectrum, its top vectors and its stable rank
         summaries = [dec.wide_summary(jacobians.combined(comp, ell), None if reference is None else k,
@@ -77,6 +77,9 @@ def _reduce(jacobians: LayerJacobians, components, k: int, reference: torch.Tens
         out["spectra"][comp] = torch.stack([S for S, _, _ in summaries])
         if reference is not None:
             out["top_u"][comp] = torch.stack([U for _, U, _ in summaries])
+        if reference is not None and comp == "layer":  # Tables 1–3 decode the right vectors too: vⱼ = Aᵀuⱼ/σⱼ
+            out["top_v"][comp] = torch.stack([(U.mT @ jacobians.combined(comp, ell)) / S[:U.shape[1], None]
+                                              for ell, (S, U, _) in zip(jacobians.layers, summaries)])  # (L, k, T·d)
         out["stable_ranks"][comp] = [rank for _, _, rank in summaries]  # = layer_stable_ranks, bit for bit
         out["errors"][comp] = jacobians.relative_errors(comp)
     return out
@@ -178,7 +181,7 @@ def analyze(
         "row_col_features": _features(final.block(last), model, tokenizer, k_tokens),
         "layer_errors": {f"{kind}.{c}": reduced[kind]["errors"][c] for kind in reduced for c in components},
         "layer_decodings": _layer_decodings(layer_top_u["layer"], layer_spectra["layer"], model, tokenizer,
-                                            k_tokens),
+                                            k_tokens, reduced["cumulative"]["top_v"].get("layer")),
         "methods": {kind: "+".join(sorted(used)) for kind, used in methods.items()},
         "layer_groups": [list(group) for group in groups],
         "timings": timings,
@@ -283,12 +286,23 @@ def _features(block: torch.Tensor, model, tokenizer, k_tokens: int) -> dict:
     }
 
 
-def _layer_decodings(top_u: torch.Tensor, spectra: torch.Tensor, model, tokenizer, k_tokens: int) -> list[list[dict]]:
-    """Per layer, its top left singular vectors decoded through lm_head (Tables 1–3): (L × k) dicts."""
+def _layer_decodings(top_u: torch.Tensor, spectra: torch.Tensor, model, tokenizer, k_tokens: int,
+                     top_v: torch.Tensor | None = None) -> list[list[dict]]:
+    """Per layer, its top left singular vectors decoded through lm_head (the "Output" of Tables 1–3): (L × k) dicts;
+    with top_v (L, k, T·d) each also gets "v", its right singular vector (the tables' "Input") decoded by cosine
+    with the input embeddings at the token where it weighs most ("token", its "share" of |v|²)."""
     table = []
-    for u, s in zip(top_u, spectra):  # u: (d, k), already through the final norm
+    for ell, (u, s) in enumerate(zip(top_u, spectra)):  # u: (d, k), already through the final norm
         decoded = dec.decode_output(u.mT, model, tokenizer, k_tokens)
-        table.append([{"singular_value": float(s[i]), **decoded[i].to_dict()} for i in range(u.shape[1])])
+        entries = [{"singular_value": float(s[i]), **decoded[i].to_dict()} for i in range(u.shape[1])]
+        if top_v is not None:
+            v = top_v[ell].reshape(u.shape[1], -1, u.shape[0])  # (k, T, d): each vector's part per input token
+            shares = v.double().square().sum(dim=-1)  # (k, T)
+            where = shares.argmax(dim=1)
+            inputs = dec.decode_input(v[torch.arange(len(where)), where], model, tokenizer, k_tokens)
+            for entry, found, position, share in zip(entries, inputs, where.tolist(), shares):
+                entry["v"] = {**found.to_dict(), "token": position, "share": float(share[position] / share.sum())}
+        table.append(entries)
     return table
 
 

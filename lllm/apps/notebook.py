@@ -27,10 +27,28 @@ PAGE_WIDTH_PX = 688  # the widest a cell's image is shown on a book page at 1280
 MIN_FONT_PX = 12  # 9 pt: the smallest text a reader should meet in a figure, at the size the page shows it
 
 
+# Fonts for the tokens DejaVu Sans cannot draw (CJK, Hangul), where installed (Debian's fonts-wqy-microhei, which
+# .ci/run installs): matplotlib falls back to them glyph by glyph.
+FALLBACK_FONTS = ("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",)
+
+
+def _fallback_families() -> list[str]:
+    """The families of FALLBACK_FONTS that exist here, added to matplotlib's font list (its cache predates them)."""
+    from matplotlib import font_manager
+
+    families = []
+    for path in FALLBACK_FONTS:
+        if os.path.exists(path):
+            font_manager.fontManager.addfont(path)
+            families.append(font_manager.FontProperties(fname=path).get_name())
+    return families
+
+
 def setup(prompt: str | None = None) -> str:
     """Style the figures, show every row and column of a table (no "…" hides a layer); the prompt to analyse (None,
     a parameters cell's default: DEFAULT_PROMPT)."""
     plt.rcParams.update(STYLE)
+    plt.rcParams["font.family"] = ["DejaVu Sans", *_fallback_families()]
     # A token in a script the figure font lacks (CJK, Hangul) is drawn as a box; matplotlib's warning about it would
     # print the machine's path to lllm on the page, once per glyph.
     warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)

@@ -200,16 +200,23 @@ def svd_decoding_table(analysis: PromptAnalysis, n_tokens: int = 3) -> pd.DataFr
 
 def layer_decoding_table(analysis: PromptAnalysis, layers: Sequence[int] | None = None, n_tokens: int = 3
                          ) -> pd.DataFrame:
-    """Tables 1–3: per layer, the top singular vectors of the cumulative layer-output J⁺ decoded through lm_head."""
+    """Tables 1–3: per layer, the top singular vectors of the cumulative layer-output J⁺ decoded, as the paper's
+    Input (Vⱼ, by cosine with the input embeddings, at the token where it weighs most) and Output (Uⱼ, through
+    lm_head) columns."""
     wanted = analysis.layers if layers is None else list(layers)
     unknown = sorted(set(wanted) - set(analysis.layers))
     if unknown:
         raise LLLMError(f"layers {unknown} were not analyzed; available: {analysis.layers}")
+    tokens = analysis.meta["tokens"]
     table = {}
     for ell in wanted:
         entries = analysis.meta["layer_decodings"][analysis.layers.index(ell)]
-        table[f"layer {ell}"] = {f"σ{j + 1} → tokens": f"{tokens_text(e, n_tokens)}  ({e['singular_value']:.3g})"
-                                 for j, e in enumerate(entries)}
+        row = {}
+        for j, e in enumerate(entries):  # the paper's columns: Input (V), then Output (U), per vector
+            if "v" in e:
+                row[f"V{j + 1} → input"] = f"{tokens_text(e['v'], n_tokens)}  (at {tokens[e['v']['token']]!r})"
+            row[f"U{j + 1} → output"] = f"{tokens_text(e, n_tokens)}  (σ = {e['singular_value']:.3g})"
+        table[f"layer {ell}"] = row
     return pd.DataFrame.from_dict(table, orient="index")
 
 

@@ -113,3 +113,24 @@ def test_a_memory_budget_reduces_layer_groups_to_the_same_numbers(tiny, analysis
         torch.testing.assert_close(grouped.layer_top_u[comp], analysis.layer_top_u[comp], rtol=1e-10, atol=1e-12)
     assert grouped.meta["layer_decodings"] == analysis.meta["layer_decodings"]
     torch.testing.assert_close(grouped.final.jacobian, analysis.final.jacobian, rtol=0, atol=0)
+
+
+def test_layer_decodings_carry_the_right_singular_vectors_of_each_layer(tiny, analysis):
+    """Tables 1–3's Input column: each layer's top right singular vector, from a direct SVD of its cumulative J⁺,
+    decoded at the token where it weighs most."""
+    from lllm.kernel.layers import cumulative_jacobians
+
+    model, tok = tiny
+    ell = analysis.layers[-2]
+    jacobians = cumulative_jacobians(model, tok, analysis.meta["token_ids"], layers=[ell], components=["layer"],
+                                     progress=False)
+    full = dec.svd(jacobians.combined("layer", ell), 3, reference=analysis.final.output)
+    d, T = model.config.hidden_size, len(analysis.meta["token_ids"])
+    entries = analysis.meta["layer_decodings"][analysis.layers.index(ell)]
+    for j, entry in enumerate(entries):
+        v = full.Vh[j].reshape(T, d)
+        shares = v.square().sum(dim=-1)
+        where = int(shares.argmax())
+        assert entry["v"]["token"] == where
+        assert entry["v"]["share"] == pytest.approx(float(shares[where] / shares.sum()), rel=1e-9)
+        assert entry["v"]["ids"] == dec.decode_input(v[where], model, tok, len(entry["v"]["ids"])).ids

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import dataclasses
 
 import matplotlib
@@ -15,6 +16,8 @@ from lllm.analyses.pipeline import analyze
 from lllm.analyses.steering import SteeringResult
 from lllm.apps.claims import CLAIMS, at_scale_rates, paper_claims, quote_text
 from lllm.apps.plots import analysis_layers, figure_title, save_figure
+
+FALLBACK_FONT = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"
 
 matplotlib.use("Agg")
 
@@ -286,3 +289,23 @@ def test_at_scale_rates_count_the_prompts_where_a_claim_holds():
     assert rates["U decodes to the prediction"] == "1 of 2 prompts (50%)"
     assert rates["J⁺ᵢ are extremely low rank"] == "0 of 2 prompts (0%)"  # 2.0 and 9.0 are not below 1% of d
     assert rates["dimensionality decreases with depth"].startswith("1 of 2 prompts")
+
+
+@pytest.mark.skipif(not os.path.exists(FALLBACK_FONT), reason=f"{FALLBACK_FONT} is not installed (fonts-wqy-microhei)")
+def test_cjk_and_hangul_tokens_are_drawn_not_boxed():
+    """With the fallback font, matplotlib finds a glyph for each character (it warns for every one it must box)."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    from lllm.apps import notebook
+
+    notebook.setup()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()  # undo setup's filter: a missing glyph must show here
+        warnings.simplefilter("always")
+        fig, ax = plt.subplots()
+        ax.set_title("的 桥 다리 Golden")
+        fig.canvas.draw()
+        plt.close(fig)
+    assert not [w for w in caught if "missing from font" in str(w.message)]
