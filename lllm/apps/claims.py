@@ -43,7 +43,14 @@ class Claim:
     chapter: str  # the book chapter whose page shows the measurement (generated/<chapter>/<model>.html)
 
 
+# The families the paper names (abstract), as the transformers architectures of lllm.apps.zoo: Phi 4 is a
+# Phi3ForCausalLM, Ministral a MistralForCausalLM.
+PAPER_FAMILIES = {"Llama 3": "llama", "Gemma 3": "gemma3", "Qwen 3": "qwen3", "Phi 4": "phi3",
+                  "Mistral Ministral": "mistral", "OLMo 2": "olmo2"}
+
 CLAIMS = (
+    Claim("the paper's model families are exact", "We demonstrate this approach across models (Llama 3, Gemma 3, "
+          "Qwen 3, Phi 4, Mistral Ministral and OLMo 2, up to Llama 3.3 70B Q4)", "Abstract", "architectures"),
     Claim("J⁺ reconstructs y (float32)", "on the order of  $10^{-6}$  for *float32* precision", "Fig. 3", "fig3"),
     Claim("J⁺ reconstructs y (float16)", "and  $10^{-3}$  for *float16* precision", "Fig. 3", "fig3"),
     Claim("the ordinary J does not", "The same comparison with the original Jacobian does not fall on the identity "
@@ -106,6 +113,7 @@ def paper_claims(
     bos_token_id: int | None = None,
     page_slug: str | None = None,
     at_scale: Mapping[str, str] | None = None,
+    families: Mapping[str, bool] | None = None,
 ) -> pd.DataFrame:
     """One row per claim of CLAIMS: the paper's words, our threshold, our measurement, the verdict.
 
@@ -115,6 +123,7 @@ def paper_claims(
     bos_token_id: the tokenizer's BOS token; the BOS claim is measured only on a prompt that starts with it.
     page_slug: the model's page name (generated/<chapter>/<slug>.html), for the link to the measurement's page.
     at_scale: claim name -> its rate over the sweep's prompt set (`at_scale_rates`), shown beside the verdict.
+    families: the paper's family -> whether its tiny random model is exact (`paper_families`); None: not checked.
     """
     meta, layers = analysis.meta, analysis.layers
     dtype = dtype_name(analysis.final.jacobian.dtype)
@@ -122,6 +131,16 @@ def paper_claims(
     predicted = meta["next_tokens"][0]["id"]
     measured: dict[str, tuple[str, str, str]] = {}  # name -> (threshold, measurement, verdict)
 
+    if families is None:
+        measured["the paper's model families are exact"] = ("every family exact on a tiny random model", "—",
+                                                            NOT_MEASURED)
+    else:
+        exact = [name for name, ok in families.items() if ok]
+        measured["the paper's model families are exact"] = (
+            "J⁺ exact in float32 and float64 on a tiny random model of each family's transformers class (partly: "
+            "at least half)", f"{len(exact)} of {len(families)} exact" + (
+                "" if len(exact) == len(families) else f"; not: {', '.join(n for n in families if n not in exact)}"),
+            _verdict(len(exact) == len(families), partly=2 * len(exact) >= len(families)))
     err = meta["relative_error"]
     measured["J⁺ reconstructs y (float32)"] = (
         f"error < {FLOAT32_ORDER:g} in float32 (above the self-check's limit the analysis stops with an error)",
@@ -231,12 +250,28 @@ def paper_claims(
     rows = []
     for claim in CLAIMS:
         threshold, value, verdict = measured[claim.name]
-        page = f"../{claim.chapter}/{page_slug}.html" if page_slug and claim.chapter != "fig5" else (
-            "../fig5/all-models.html" if page_slug else None)
+        all_models = claim.chapter in ("fig5", "architectures")  # one page for every model
+        page = None if not page_slug else f"../{claim.chapter}/{'all-models' if all_models else page_slug}.html"
         rows.append({"claim": claim.name, "the paper": f"“{quote_text(claim.quote)}” ({claim.where})",
                      "threshold (ours)": threshold, "measured": value, "verdict": verdict,
                      "at scale": (at_scale or {}).get(claim.name, ""), "page": page})
     return pd.DataFrame(rows)
+
+
+def paper_families() -> dict[str, bool]:
+    """The paper's family -> whether lllm is exact on a tiny random model of it (lllm.apps.zoo.check_architecture:
+    float32 and float64 errors, bitwise forward, y what lm_head reads, the ordinary J not exact)."""
+    from lllm.apps.zoo import TEST_IDS, check_architecture, tiny_architecture
+    from lllm.errors import LLLMError
+
+    exact = {}
+    for family, name in PAPER_FAMILIES.items():
+        try:
+            exact[family] = check_architecture(lambda dtype, name=name: tiny_architecture(name, dtype),
+                                               TEST_IDS)["verdict"] == "exact"
+        except LLLMError:  # refused
+            exact[family] = False
+    return exact
 
 
 def at_scale_rates(df: pd.DataFrame, d: int) -> dict[str, str]:

@@ -309,3 +309,17 @@ def test_cjk_and_hangul_tokens_are_drawn_not_boxed():
         fig.canvas.draw()
         plt.close(fig)
     assert not [w for w in caught if "missing from font" in str(w.message)]
+
+
+@pytest.mark.parametrize("families, verdict", [
+    ({"Llama 3": True, "Gemma 3": True}, "reproduced"), ({"Llama 3": True, "Gemma 3": False}, "partly"),
+    ({"Llama 3": False, "Gemma 3": False, "Qwen 3": True}, "not reproduced"), (None, "not measured")])
+def test_the_model_families_row_follows_the_tiny_model_checks(tiny_analysis, families, verdict):
+    table = paper_claims(tiny_analysis, families=families).set_index("claim")
+    assert table.loc["the paper's model families are exact", "verdict"] == verdict
+
+
+def test_the_papers_families_are_exact_on_tiny_models():
+    from lllm.apps.claims import PAPER_FAMILIES, paper_families
+
+    assert paper_families() == {family: True for family in PAPER_FAMILIES}
