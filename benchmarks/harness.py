@@ -305,7 +305,8 @@ def _memory_text(m: dict) -> str:
     if "failed" in m:
         return "failed: " + m["failed"]
     return (f"{m['seconds']:.1f} s, peak RSS {m['peak_rss'] / GIB:.2f} GiB "
-            f"(+{(m['peak_rss'] - m['baseline_rss']) / GIB:.2f} over the loaded model)")
+            f"(+{(m['peak_rss'] - m['baseline_rss']) / GIB:.2f} over the loaded model)"
+            + (f", GPU peak {m['cuda_peak'] / GIB:.2f} GiB" if "cuda_peak" in m else ""))
 
 
 def _gib(m: dict, key: str = "peak_rss") -> str:
@@ -654,8 +655,8 @@ def main(argv: list[str] | None = None) -> int:
         *[f"| {k} | {v} |" for k, v in machine()],
         "",
     ])
-    if config.device.startswith("cuda"):
-        header += f"\n| GPU | {torch.cuda.get_device_name(config.device)} |\n"
+    if config.device.startswith("cuda"):  # one more row of the machine table
+        header = header.rstrip("\n") + f"\n| GPU | {torch.cuda.get_device_name(config.device)} |\n"
     write_results(args.out / "RESULTS.md", header, sections)
     print(f"wrote {args.out / 'RESULTS.md'}")
     return 0

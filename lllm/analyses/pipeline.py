@@ -35,7 +35,8 @@ from lllm.validation import check_choice, check_components, check_layers
 
 ANALYSIS_KIND = "analysis"
 # Part of the cache key: bumped when what an analysis holds changes (2: next tokens from the model's own logits;
-# 3: stable ranks from ‖J‖²_F and σ_max, stored in meta).
+# 3: stable ranks from ‖J‖²_F and σ_max, stored in meta; 4: each layer's right singular vectors decoded in
+# layer_decodings, the "Input" of Tables 1–3).
 ANALYSIS_FORMAT = 4
 
 
@@ -78,7 +79,9 @@ def _reduce(jacobians: LayerJacobians, components, k: int, reference: torch.Tens
         if reference is not None:
             out["top_u"][comp] = torch.stack([U for _, U, _ in summaries])
         if reference is not None and comp == "layer":  # Tables 1–3 decode the right vectors too: vⱼ = Aᵀuⱼ/σⱼ
-            out["top_v"][comp] = torch.stack([(U.mT @ jacobians.combined(comp, ell)) / S[:U.shape[1], None]
+            # σⱼ = 0 (a map of rank below k) has no right vector: it stays zero rather than 0/0
+            out["top_v"][comp] = torch.stack([(U.mT @ jacobians.combined(comp, ell))
+                                              / S[:U.shape[1], None].clamp_min(torch.finfo(S.dtype).tiny)
                                               for ell, (S, U, _) in zip(jacobians.layers, summaries)])  # (L, k, T·d)
         out["stable_ranks"][comp] = [rank for _, _, rank in summaries]  # = layer_stable_ranks, bit for bit
         out["errors"][comp] = jacobians.relative_errors(comp)
@@ -181,7 +184,7 @@ def analyze(
         "row_col_features": _features(final.block(last), model, tokenizer, k_tokens),
         "layer_errors": {f"{kind}.{c}": reduced[kind]["errors"][c] for kind in reduced for c in components},
         "layer_decodings": _layer_decodings(layer_top_u["layer"], layer_spectra["layer"], model, tokenizer,
-                                            k_tokens, reduced["cumulative"]["top_v"].get("layer")),
+                                            k_tokens, reduced["cumulative"]["top_v"].get("layer"), len(token_ids)),
         "methods": {kind: "+".join(sorted(used)) for kind, used in methods.items()},
         "layer_groups": [list(group) for group in groups],
         "timings": timings,
@@ -287,7 +290,7 @@ def _features(block: torch.Tensor, model, tokenizer, k_tokens: int) -> dict:
 
 
 def _layer_decodings(top_u: torch.Tensor, spectra: torch.Tensor, model, tokenizer, k_tokens: int,
-                     top_v: torch.Tensor | None = None) -> list[list[dict]]:
+                     top_v: torch.Tensor | None = None, n_tokens: int = 1) -> list[list[dict]]:
     """Per layer, its top left singular vectors decoded through lm_head (the "Output" of Tables 1–3): (L × k) dicts;
     with top_v (L, k, T·d) each also gets "v", its right singular vector (the tables' "Input") decoded by cosine
     with the input embeddings at the token where it weighs most ("token", its "share" of |v|²)."""
@@ -296,12 +299,16 @@ def _layer_decodings(top_u: torch.Tensor, spectra: torch.Tensor, model, tokenize
         decoded = dec.decode_output(u.mT, model, tokenizer, k_tokens)
         entries = [{"singular_value": float(s[i]), **decoded[i].to_dict()} for i in range(u.shape[1])]
         if top_v is not None:
-            v = top_v[ell].reshape(u.shape[1], -1, u.shape[0])  # (k, T, d): each vector's part per input token
+            v = top_v[ell].reshape(u.shape[1], n_tokens, -1)  # (k, T, d_in): each vector's part per input token
             shares = v.double().square().sum(dim=-1)  # (k, T)
-            where = shares.argmax(dim=1)
-            inputs = dec.decode_input(v[torch.arange(len(where)), where], model, tokenizer, k_tokens)
-            for entry, found, position, share in zip(entries, inputs, where.tolist(), shares):
-                entry["v"] = {**found.to_dict(), "token": position, "share": float(share[position] / share.sum())}
+            where = shares.argmax(dim=1).tolist()
+            live = [j for j in range(len(entries)) if shares[j].sum() > 0]  # σⱼ = 0: no direction to decode
+            inputs = dec.decode_input(v[live, [where[j] for j in live]], model, tokenizer, k_tokens) if live else []
+            for entry in entries:
+                entry["v"] = None
+            for j, found in zip(live, inputs):
+                entries[j]["v"] = {**found.to_dict(), "token": where[j],
+                                   "share": float(shares[j, where[j]] / shares[j].sum())}
         table.append(entries)
     return table
 

@@ -63,9 +63,9 @@ CLAIMS = (
     Claim("U decodes to bridge words", "The left singular vectors decode to tokens related to bridges and local "
           "geography, particularly the Golden Gate Bridge", "Fig. 5", "fig5"),
     Claim("the first token has the largest spectrum", "The first or “beginning of sequence” token has the highest "
-          "magnitude in each spectrum", "Sec. 3.3", "fig4"),
+          "magnitude in each spectrum", "Sec. 3.4", "fig4"),
     Claim("decodings become intelligible in later layers", "The emergence of intelligible tokens in later layers is "
-          "shown in the tables as something like a phase change in the representation.", "Sec. 3.4", "tables1_3"),
+          "shown in the tables as something like a phase change in the representation.", "Sec. 3.5", "tables1_3"),
     Claim("later layers are lower rank", "Note that later layers are lower rank than earlier layers.", "Fig. 6",
           "fig6"),
     Claim("early layers' vectors differ from the last's", "The singular vectors of the first 10 layers are very "
@@ -114,6 +114,7 @@ def paper_claims(
     page_slug: str | None = None,
     at_scale: Mapping[str, str] | None = None,
     families: Mapping[str, bool] | None = None,
+    n_layers: int | None = None,
 ) -> pd.DataFrame:
     """One row per claim of CLAIMS: the paper's words, our threshold, our measurement, the verdict.
 
@@ -124,6 +125,7 @@ def paper_claims(
     page_slug: the model's page name (generated/<chapter>/<slug>.html), for the link to the measurement's page.
     at_scale: claim name -> its rate over the sweep's prompt set (`at_scale_rates`), shown beside the verdict.
     families: the paper's family -> whether its tiny random model is exact (`paper_families`); None: not checked.
+    n_layers: the model's number of layers (default: the last analysed layer + 1).
     """
     meta, layers = analysis.meta, analysis.layers
     dtype = dtype_name(analysis.final.jacobian.dtype)
@@ -131,7 +133,7 @@ def paper_claims(
     predicted = meta["next_tokens"][0]["id"]
     measured: dict[str, tuple[str, str, str]] = {}  # name -> (threshold, measurement, verdict)
 
-    if families is None:
+    if not families:
         measured["the paper's model families are exact"] = ("every family exact on a tiny random model", "—",
                                                             NOT_MEASURED)
     else:
@@ -230,7 +232,7 @@ def paper_claims(
 
     layerwise = analysis.stable_ranks("layerwise")["layer"]
     peak = int(np.argmax(layerwise))
-    n_layers = layers[-1] + 1
+    n_layers = layers[-1] + 1 if n_layers is None else n_layers
     measured["layer-wise dimensionality peaks near the end"] = (
         "the layer-wise stable rank of the layer output is largest in the last quarter of the layers (partly: in the "
         "last half)", f"largest at layer {layers[peak]} of {n_layers} ({layerwise[peak]:.2f})",
@@ -238,7 +240,7 @@ def paper_claims(
 
     threshold = (f"{concept_word!r} in some steered (λ<1) continuation and not in the normal one, for every prompt; "
                  "λ = 1 leaves the output unchanged")
-    if steering is None:
+    if not steering:
         measured["steering with J⁺ of a concept"] = (threshold, "—", NOT_MEASURED)
     else:
         steered = [any(concept_appears(r, concept_word) for r in sweep if r.lam < 1) for sweep in steering]

@@ -218,12 +218,15 @@ def reconstruction_and_spectra_figure(analysis: PromptAnalysis, title: str) -> p
     return fig
 
 
-def splits_figure(splits: Mapping[str, JacobianResult], title: str) -> tuple[plt.Figure, list[float]]:
-    """The two MLP splits: the last token's spectrum under each, and ‖J⁺ᵢ(first) − J⁺ᵢ(second)‖ / ‖J⁺ᵢ(first)‖ per
-    token; and those relative differences."""
+def split_differences(first: JacobianResult, second: JacobianResult) -> list[float]:
+    """‖J⁺ᵢ(first) − J⁺ᵢ(second)‖ / ‖J⁺ᵢ(first)‖ for every input token i."""
+    return [float((first.block(i) - second.block(i)).norm() / first.block(i).norm()) for i in range(len(first.tokens))]
+
+
+def splits_figure(splits: Mapping[str, JacobianResult], title: str) -> plt.Figure:
+    """The two MLP splits: the last token's spectrum under each, and how much each J⁺ᵢ differs between them."""
     (first_name, first), (second_name, second) = splits.items()
-    differences = [float((first.block(i) - second.block(i)).norm() / first.block(i).norm())
-                   for i in range(len(first.tokens))]
+    differences = split_differences(first, second)
     fig, (ax_spec, ax_diff) = plt.subplots(1, 2, figsize=(12, 4.3))
     for split, result in splits.items():
         spectrum = torch.linalg.svdvals(result.block(-1)).double().numpy()[:60]
@@ -237,4 +240,4 @@ def splits_figure(splits: Mapping[str, JacobianResult], title: str) -> tuple[plt
     ax_diff.set(title=f"‖J⁺ᵢ({first_name}) − J⁺ᵢ({second_name})‖ / ‖J⁺ᵢ({first_name})‖", ylabel="relative difference")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return fig, differences
+    return fig

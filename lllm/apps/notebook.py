@@ -36,10 +36,11 @@ def _fallback_families() -> list[str]:
     """The families of FALLBACK_FONTS that exist here, added to matplotlib's font list (its cache predates them)."""
     from matplotlib import font_manager
 
-    families = []
+    families, known = [], {entry.fname for entry in font_manager.fontManager.ttflist}
     for path in FALLBACK_FONTS:
         if os.path.exists(path):
-            font_manager.fontManager.addfont(path)
+            if path not in known:
+                font_manager.fontManager.addfont(path)
             families.append(font_manager.FontProperties(fname=path).get_name())
     return families
 
@@ -109,15 +110,26 @@ def readable(fig: plt.Figure, page_px: int = PAGE_WIDTH_PX) -> float:
             text.set_fontsize(text.get_fontsize() * factor)
     for ax in fig.axes:  # a title may now be wider than its axes
         width_pt = ax.get_position().width * fig.get_figwidth() * 72
-        for title in (ax.title, ax._left_title, ax._right_title):
-            if title.get_text():
-                chars = max(12, int(width_pt / (0.55 * title.get_fontsize())))
-                title.set_text(textwrap.fill(" ".join(title.get_text().split()), chars))
-    if fig._suptitle is not None:
-        chars = max(20, int(fig.get_figwidth() * 72 / (0.55 * fig._suptitle.get_fontsize())))
-        fig._suptitle.set_text(textwrap.fill(" ".join(fig._suptitle.get_text().split()), chars))
+        for loc in ("center", "left", "right"):
+            if ax.get_title(loc=loc):
+                size = _size_of(ax, ax.get_title(loc=loc))
+                ax.set_title(_wrap(ax.get_title(loc=loc), width_pt, size), loc=loc, fontsize=size)
+    if fig.get_suptitle():
+        size = _size_of(fig, fig.get_suptitle())
+        fig.suptitle(_wrap(fig.get_suptitle(), fig.get_figwidth() * 72, size), fontsize=size)
     fig.tight_layout()
     return factor
+
+
+def _size_of(artist, text: str) -> float:
+    """The font size of the child text of artist (an Axes or a Figure) that reads `text`."""
+    return next(t.get_fontsize() for t in artist.get_children() if isinstance(t, Text) and t.get_text() == text)
+
+
+def _wrap(text: str, width_pt: float, size_pt: float) -> str:
+    """text wrapped, line by line, to about width_pt at a font of size_pt (a character is about 0.55 em wide)."""
+    chars = max(12, int(width_pt / (0.55 * size_pt)))
+    return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
 
 
 def show_figure(fig: plt.Figure, output_dir: str | os.PathLike, name: str, caption: str) -> None:
@@ -130,7 +142,7 @@ def show_figure(fig: plt.Figure, output_dir: str | os.PathLike, name: str, capti
 
     readable(fig)
     save_figure(fig, output_dir, name)
-    smallest = min((t.get_fontsize() for t in _texts(fig)), default=0.0)
+    smallest = min((t.get_fontsize() for t in _texts(fig)), default=None)  # None: a figure without text
     dpi = fig.dpi
     plt.show()
     display(figure_caption(caption, font_pt=smallest, dpi=dpi))

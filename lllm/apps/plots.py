@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lllm.analyses.pipeline import PromptAnalysis, cached_analyze
-from lllm.errors import LLLMError
+from lllm.errors import LinearizationError, LLLMError, MemoryBudgetError
 from lllm.kernel.jacobian import JacobianResult, detached_jacobian
 from lllm.analyses.steering import SteeringResult, default_layer, lambda_sweep
 from lllm.io.codecs import computation_fields, record_to_result, result_to_record
@@ -91,11 +91,13 @@ def float16_jacobian(model: str, prompt: str, loaded: nn.Module, *, force: bool 
     parameters = sum(p.numel() for p in loaded.parameters())
     if not force and loaded.device.type == "cpu" and parameters > FLOAT16_CPU_MAX_PARAMETERS:
         return None
-    net, tokenizer = load(model, dtype="float16")
+    net, tokenizer = load(model, dtype="float16", device=loaded.device)
     try:
         return cached_jacobian(net, tokenizer, prompt)
-    except LLLMError as error:
+    except LinearizationError as error:  # float16 is not exact here (overflow): evidence, shown as such
         return f"failed: {type(error).__name__}: {str(error).splitlines()[0]}"
+    except MemoryBudgetError:  # does not fit: not measured
+        return None
 
 
 def cached_lambda_sweep(
@@ -213,7 +215,7 @@ def layer_decoding_table(analysis: PromptAnalysis, layers: Sequence[int] | None 
         entries = analysis.meta["layer_decodings"][analysis.layers.index(ell)]
         row = {}
         for j, e in enumerate(entries):  # the paper's columns: Input (V), then Output (U), per vector
-            if "v" in e:
+            if e.get("v"):
                 row[f"V{j + 1} → input"] = f"{tokens_text(e['v'], n_tokens)}  (at {tokens[e['v']['token']]!r})"
             row[f"U{j + 1} → output"] = f"{tokens_text(e, n_tokens)}  (σ = {e['singular_value']:.3g})"
         table[f"layer {ell}"] = row

@@ -165,8 +165,9 @@ def jvp_reconstruction(model: nn.Module, x: torch.Tensor, position: int = -1, *,
 
 
 FIT_FRACTION = 0.8  # of the free memory, what one Jacobian computation may take
-# The estimated backward buffers of one chunk of rows, at most: past about this, batching more rows makes each row
-# slower, not faster (SmolLM2 at T = 256, one thread, s per row: 8 rows 0.45, 16 0.45, 32 0.52, 64 0.53, 128 0.59).
+# On a CPU, the estimated backward buffers of one chunk of rows, at most: past about this, batching more rows makes
+# each row slower, not faster (SmolLM2 at T = 256, one thread, s per row: 8 rows 0.45, 16 0.45, 32 0.52, 64 0.53,
+# 128 0.59). A GPU is not capped: it was not measured there.
 CHUNK_BYTES = 2**30
 
 
@@ -208,14 +209,15 @@ def check_fits(model: nn.Module, n_tokens: int, chunk_size: int, dtype: torch.dt
 
 
 def default_chunk_size(model: nn.Module, n_tokens: int, dtype: torch.dtype) -> int:
-    """Rows per batched backward: 64 (faster and leaner than all rows at once) for short prompts; for long ones as
-    many as keep one chunk's buffers under CHUNK_BYTES (SmolLM2 in float32: 12 at T = 256, 4 at T = 512) and
-    within the memory `check_fits` allows; at least 1."""
+    """Rows per batched backward: 64 (faster and leaner than all rows at once) for short prompts; for long ones on a
+    CPU as many as keep one chunk's buffers under CHUNK_BYTES (SmolLM2 in float32: 12 at T = 256, 4 at T = 512);
+    always within the memory `check_fits` allows; at least 1."""
     d_out = text_config(model).hidden_size
     base = estimate_jacobian_bytes(model, n_tokens, 0, dtype)  # the estimate is linear in the chunk size
     per_row = estimate_jacobian_bytes(model, n_tokens, 1, dtype) - base
     fit = int((FIT_FRACTION * available_memory(model.device) - base) // per_row)
-    return max(1, min(64, d_out, fit, CHUNK_BYTES // per_row))
+    lean = CHUNK_BYTES // per_row if model.device.type == "cpu" else d_out  # measured on a CPU: its caches
+    return max(1, min(64, d_out, fit, lean))
 
 
 def reverse_jacobian(y: torch.Tensor, x: torch.Tensor, chunk_size: int, progress: bool, desc: str) -> torch.Tensor:

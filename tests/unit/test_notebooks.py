@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import ast
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def test_the_paper_is_quoted_verbatim(chapter):
     words = lambda text: " ".join(text.split())  # noqa: E731  (line breaks and double spaces do not count)
     where, quote = SPECS[chapter].paper
     assert words(quote) in words(PAPER.read_text()), f"{chapter}: {quote!r} is not the paper's wording"
-    assert where.startswith(("Fig. ", "Table ", "Sec. "))
+    assert _where_in_paper(quote) == where, chapter
 
 
 @pytest.mark.skipif(not PAPER.exists(), reason=f"the paper's text is not at {PAPER}")
@@ -65,3 +66,28 @@ def test_every_claim_of_paper_vs_book_quotes_the_paper_verbatim():
     for claim in CLAIMS:
         assert words(claim.quote) in paper, f"{claim.name}: {claim.quote!r} is not the paper's wording"
         assert claim.where.startswith(("Fig. ", "Table ", "Sec. ", "Abstract"))
+
+
+def _where_in_paper(quote: str) -> str:
+    """Where the paper says `quote`: 'Fig. N' in a figure's caption, else 'Sec. X.Y' (or 'Abstract') under the last
+    heading above it."""
+    words = lambda text: " ".join(text.split())  # noqa: E731
+    lines = PAPER.read_text().splitlines()
+    found = [i for i, line in enumerate(lines) if words(quote) in words(line)]
+    assert len(found) == 1, f"{quote!r} is on {len(found)} lines of the paper, expected one"
+    caption = re.match(r"Figure (\w+)\.", lines[found[0]])
+    if caption:
+        return f"Fig. {caption.group(1)}"
+    for line in reversed(lines[:found[0]]):
+        heading = re.match(r"#+ (?:(\d+\.\d+)\.|(Abstract))", line)
+        if heading:
+            return f"Sec. {heading.group(1)}" if heading.group(1) else "Abstract"
+    raise AssertionError(f"no heading above {quote!r}")
+
+
+@pytest.mark.skipif(not PAPER.exists(), reason=f"the paper's text is not at {PAPER}")
+def test_every_claim_says_where_the_paper_says_it():
+    from lllm.apps.claims import CLAIMS
+
+    for claim in CLAIMS:
+        assert _where_in_paper(claim.quote) == claim.where, claim.name
