@@ -91,11 +91,12 @@ def smallest_font_px(fig: plt.Figure, page_px: int = PAGE_WIDTH_PX) -> float:
 
 
 def readable(fig: plt.Figure, page_px: int = PAGE_WIDTH_PX) -> float:
-    """Enlarge fig's text so that none is smaller than 9 pt where the page shows it, wrapping titles to their axes
-    so that the larger text still fits; the factor applied (1.0: fig was readable already)."""
+    """Raise fig's text that the page would show below 9 pt to that size (larger text keeps its size), wrapping
+    titles to their axes so that it still fits; the factor by which the smallest text grew (1.0: none did)."""
     factor = MIN_FONT_PX / smallest_font_px(fig, page_px)
     if factor <= 1.0:
         return 1.0
+    need = min(t.get_fontsize() for t in _texts(fig)) * factor  # pt: MIN_FONT_PX where the page shows fig
     ticks = set()
     for ax in fig.axes:  # tick labels are re-created on every draw: scale them through their axis
         for axis in (ax.xaxis, ax.yaxis):
@@ -104,10 +105,10 @@ def readable(fig: plt.Figure, page_px: int = PAGE_WIDTH_PX) -> float:
                 ticks.update(labels)
                 shown = [t for t in labels if t.get_text()]
                 if shown:
-                    axis.set_tick_params(which=which, labelsize=shown[0].get_fontsize() * factor)
+                    axis.set_tick_params(which=which, labelsize=max(shown[0].get_fontsize(), need))
     for text in _texts(fig):
         if text not in ticks:
-            text.set_fontsize(text.get_fontsize() * factor)
+            text.set_fontsize(max(text.get_fontsize(), need))
     for ax in fig.axes:  # a title may now be wider than its axes
         width_pt = ax.get_position().width * fig.get_figwidth() * 72
         for loc in ("center", "left", "right"):
