@@ -299,8 +299,8 @@ def at_scale_rates(df: pd.DataFrame, d: int) -> dict[str, str]:
 
 
 def claims_table(table: pd.DataFrame):
-    """The claims of several models (indexed by model, #) as the page shows them: each verdict coloured and linked to
-    the page of its measurement, every cell wrapping at page width."""
+    """One model's `paper_claims` as the page shows them: each verdict coloured and linked to the page of its
+    measurement, every cell wrapping at page width, no index column (the claim names the row)."""
     shown = table.copy()
     links = shown.pop("page")
     shown["verdict"] = [f'<a href="{page}">{verdict}</a>' if page else verdict
@@ -309,7 +309,8 @@ def claims_table(table: pd.DataFrame):
     escaped = [c for c in shown.columns if c != "verdict"]
     styler = shown.style.format(escape="html", subset=escaped).set_properties(
         **{"text-align": "left", "white-space": "pre-wrap"})
-    return styler.apply(lambda column: [f"background-color: {c}" for c in colors], subset=["verdict"])
+    styler = styler.apply(lambda column: [f"background-color: {c}" for c in colors], subset=["verdict"])
+    return styler.hide(axis="index")
 
 
 def headline(analysis: PromptAnalysis, claims: pd.DataFrame, float64_error: float | None = None) -> dict:

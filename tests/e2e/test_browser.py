@@ -98,9 +98,11 @@ def open_page(browser, url: str) -> tuple:
     return page, requested, external, errors
 
 
-def check_page(browser, url: str, *, min_images: int, min_math: int, machine_paths: tuple[str, ...] = ()):
+def check_page(browser, url: str, *, min_images: int, min_math: int, machine_paths: tuple[str, ...] = (),
+               no_sideways_scroll: bool = False):
     """Open `url` and assert that it rendered completely and locally, readable at page width, with its code
-    collapsed and none of `machine_paths` in its text; the page, for a screenshot."""
+    collapsed and none of `machine_paths` in its text (and with no_sideways_scroll, no output that the reader must
+    scroll sideways: a wide table may scroll inside the column, the claims table must not); the page."""
     page, requested, external, errors = open_page(browser, url)
     assert not external, f"{url} tried to reach other machines: {external}"
     assert requested and all(is_local(r) for r in requested)
@@ -126,6 +128,11 @@ def check_page(browser, url: str, *, min_images: int, min_math: int, machine_pat
     assert not uncaptioned, f"{url}: figures without a caption: {uncaptioned}"
     small = [(src, round(px, 1)) for src, _, px in figures if px == px and px < MIN_TEXT_PX]  # px == px: not NaN
     assert not small, f"{url}: figure text smaller than about 9 pt at page width (CSS px): {small}"
+    if no_sideways_scroll:
+        scrolled = page.evaluate("""() => [...document.querySelectorAll('.cell_output *')]
+            .filter(e => e.scrollWidth > e.clientWidth + 1 && getComputedStyle(e).overflowX !== 'visible')
+            .map(e => [e.tagName, e.className, e.scrollWidth, e.clientWidth])""")
+        assert not scrolled, f"{url}: outputs cut off at the page's width (scroll sideways): {scrolled}"
     cells = page.locator("div.cell_input")
     shown_code = sum(cells.nth(i).is_visible() for i in range(cells.count()))  # collapsed: inside a closed <details>
     assert shown_code == 0, f"{url}: {shown_code} code cells are shown before the reader asks for them"
@@ -171,5 +178,5 @@ def test_repository_book_renders_offline(serve, browser):
     assert pages, "the built book has no executed notebook with a figure"
     for path in pages:  # a screenshot of each, e.g. book/_build/screenshots/fig3-smollm2-135m.png
         page = check_page(browser, base + path.relative_to(html).as_posix(), min_images=1, min_math=0,
-                          machine_paths=(str(REPO),))
+                          machine_paths=(str(REPO),), no_sideways_scroll=path.parent.name == "paper_vs_book")
         screenshot(page, f"{path.parent.name}-{path.stem}")
