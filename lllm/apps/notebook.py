@@ -86,15 +86,31 @@ def _texts(fig: plt.Figure) -> list[Text]:
 def smallest_font_px(fig: plt.Figure, page_px: int = PAGE_WIDTH_PX) -> float:
     """The smallest text of fig in CSS pixels where a page `page_px` wide shows it (shrunk, never enlarged)."""
     fig.canvas.draw()  # creates the tick labels
-    shown = min(1.0, page_px / (fig.get_figwidth() * fig.dpi))  # the inline image is fig's size at its dpi
+    # the inline image is fig at its dpi, cut to its tight bounding box, which text sticking out can widen
+    width = max(fig.get_figwidth(), fig.get_tightbbox(fig.canvas.get_renderer()).width)
+    shown = min(1.0, page_px / (width * fig.dpi))
     return min((t.get_fontsize() for t in _texts(fig)), default=float("inf")) * fig.dpi / 72 * shown
 
 
 def readable(fig: plt.Figure, page_px: int = PAGE_WIDTH_PX) -> float:
     """Raise fig's text that the page would show below 9 pt to that size (larger text keeps its size), wrapping
-    titles to their axes so that it still fits; the factor by which the smallest text grew (1.0: none did)."""
+    titles to their axes so that it still fits; the factor by which the smallest text grew (1.0: none did).
+
+    Larger text can widen the image (labels sticking out), which the page then shrinks more: a few rounds settle it.
+    """
+    total = 1.0
+    for _ in range(4):
+        factor = _raise_small_text(fig, page_px)
+        if factor <= 1.0:
+            break
+        total *= factor
+    return total
+
+
+def _raise_small_text(fig: plt.Figure, page_px: int) -> float:
+    """One round of `readable`: the factor by which the smallest text grew."""
     factor = MIN_FONT_PX / smallest_font_px(fig, page_px)
-    if factor <= 1.0:
+    if factor <= 1.0 + 1e-9:
         return 1.0
     need = min(t.get_fontsize() for t in _texts(fig)) * factor  # pt: MIN_FONT_PX where the page shows fig
     ticks = set()
