@@ -167,7 +167,7 @@ def at_scale_figure(sweeps: Mapping[str, pd.DataFrame], summaries: Mapping[str, 
     x = np.arange(len(summaries))
     ax.bar(x - 0.2, [s["u1_match_rate"] for s in summaries.values()], width=0.4, label="U₁")
     ax.bar(x + 0.2, [s["u_top3_match_rate"] for s in summaries.values()], width=0.4, label="any of U₁, U₂, U₃")
-    ax.set_xticks(x, list(summaries))
+    ax.set_xticks(x, list(summaries), rotation=20, ha="right")  # model names are long: they would run together
     ax.set(title="B. the last token's top singular vectors decode to the prediction", ylabel="fraction of prompts",
            ylim=(0, 1))
     ax.legend(fontsize=8)
