@@ -52,9 +52,10 @@ def _left_from_gram(gram: torch.Tensor, k: int, reference: torch.Tensor | None, 
     return S, U * orientation_signs(U[None], reference)[0]
 
 
-def _stable_rank_of_gram(gram: torch.Tensor) -> float:
-    """‖A‖²_F / σ²_max from the Gram matrix: its trace over its largest eigenvalue."""
-    largest = torch.linalg.eigvalsh(gram)[-1]
+def _stable_rank_of_gram(gram: torch.Tensor, eigenvalues: torch.Tensor | None = None) -> float:
+    """‖A‖²_F / σ²_max from the Gram matrix: its trace over its largest eigenvalue (from `eigenvalues`, its
+    ascending `eigvalsh`, where the caller has them)."""
+    largest = (torch.linalg.eigvalsh(gram) if eigenvalues is None else eigenvalues)[-1]
     if largest <= 0:
         raise LLLMError("the stable rank of a zero matrix is undefined (its largest singular value is 0)")
     return float(gram.diagonal().sum() / largest)
@@ -94,11 +95,11 @@ def wide_summary(matrix: torch.Tensor, k: int | None = None, *, reference: torch
     `left_spectrum` (k given) or `singular_values_wide` (k None), and `stable_ranks_wide`, without forming
     A Aᵀ (the costly m²·n product) once per function."""
     gram = _gram(matrix, "wide_summary")
-    if k is None:
-        S, U = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt().to(matrix.dtype), None
-    else:
-        S, U = _left_from_gram(gram, k, reference, matrix.dtype)
-    return S, U, _stable_rank_of_gram(gram)
+    if k is None:  # eigvalsh serves the spectrum and the stable rank: the very numbers stable_ranks_wide computes
+        eigenvalues = torch.linalg.eigvalsh(gram)
+        return eigenvalues.flip(0).clamp_min(0).sqrt().to(matrix.dtype), None, _stable_rank_of_gram(gram, eigenvalues)
+    S, U = _left_from_gram(gram, k, reference, matrix.dtype)
+    return S, U, _stable_rank_of_gram(gram)  # eigvalsh, not eigh's values: bit for bit those of stable_ranks_wide
 
 
 def token_svds(result: JacobianResult, k: int | None = None) -> list[SVD]:
