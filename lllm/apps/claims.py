@@ -77,7 +77,6 @@ CLAIMS = (
     Claim("steering with J⁺ of a concept", "Table 4 shows how the detached Jacobian from an intermediate layer "
           "imposes the Golden Gate Bridge as the semantic output", "Sec. 3.6", "table4"),
 )
-BY_NAME = {claim.name: claim for claim in CLAIMS}
 
 
 def quote_text(quote: str) -> str:
@@ -325,5 +324,6 @@ def headline(analysis: PromptAnalysis, claims: pd.DataFrame, float64_error: floa
         "max_token_stable_rank": max(meta["token_stable_rank"]), "d": analysis.final.jacobian.shape[0],
         "first_layer": analysis.layers[0], "first_rank": ranks[0],
         "last_layer": analysis.layers[-1], "last_rank": ranks[-1],
-        "verdicts": {str(k): int(v) for k, v in claims["verdict"].value_counts().items()},
+        # [verdict, count] for every verdict in VERDICT_COLORS' order, zeros included: the headline's columns
+        "verdicts": [[verdict, int((claims["verdict"] == verdict).sum())] for verdict in VERDICT_COLORS],
     }

@@ -218,7 +218,7 @@ def test_headline_table_is_built_from_what_the_notebooks_recorded(tmp_path):
     assert "did not run" in headline.headline_markdown([tmp_path / "nothing"])
     model = {"float32_error": 6.5e-7, "float64_error": 1.2e-15, "ordinary_error": 0.83, "max_token_stable_rank": 10.4,
              "d": 576, "first_layer": 0, "first_rank": 7.5, "last_layer": 29, "last_rank": 1.4,
-             "verdicts": {"reproduced": 9, "partly": 2, "not reproduced": 1}}
+             "verdicts": [["reproduced", 9], ["partly", 2], ["not reproduced", 1], ["not measured", 0]]}
     headline.record(tmp_path / "pvb", "models", {"smollm2-135m": model})
     headline.record(tmp_path / "arch", "architectures", {"exact": 27, "checked": 28})
     text = headline.write_headline(tmp_path / "book", [tmp_path / "pvb", tmp_path / "arch"]).read_text()
@@ -323,3 +323,15 @@ def test_the_papers_families_are_exact_on_tiny_models():
     from lllm.apps.claims import PAPER_FAMILIES, paper_families
 
     assert paper_families() == {family: True for family in PAPER_FAMILIES}
+
+
+def test_the_headline_counts_the_verdicts_of_paper_claims(tiny_analysis, tmp_path):
+    from lllm.apps import claims
+    from lllm.apps.book import headline
+
+    table = paper_claims(tiny_analysis)
+    headline.record(tmp_path, "models", {"tiny": claims.headline(tiny_analysis, table)})
+    text = headline.headline_markdown([tmp_path])
+    assert "claims: " + " / ".join(claims.VERDICT_COLORS) in text
+    counts = " / ".join(str(int((table["verdict"] == v).sum())) for v in claims.VERDICT_COLORS)
+    assert text.splitlines()[2].endswith(f"| {counts} |")
