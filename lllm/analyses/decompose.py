@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import numpy
 import torch
 from torch import nn
 
@@ -35,27 +36,66 @@ SIGNS = ("positive", "both")  # decode vec only, or vec and -vec
 
 
 def _gram(matrix: torch.Tensor, what: str) -> torch.Tensor:
-    """The float64 Gram matrix A Aᵀ (m, m) of a wide matrix A (m, n ≥ m)."""
+    """The float64 Gram matrix A Aᵀ (m, m) of a wide matrix A (m, n ≥ m).
+
+    On the CPU by BLAS's syrk, which computes one triangle (half the products of A @ Aᵀ, for which torch has no
+    call): a (896, 6272) layer Jacobian of Qwen2.5-0.5B takes 0.06 s against torch's 0.28 s, on one thread.
+    """
     if matrix.ndim != 2 or matrix.shape[0] > matrix.shape[1]:
         raise LLLMError(f"{what} needs a wide 2-D matrix (m ≤ n), got shape {tuple(matrix.shape)}")
-    wide = matrix.to(torch.float64)
-    return wide @ wide.mT
+    wide = matrix.detach().to(torch.float64)
+    if not bool(torch.isfinite(wide).all()):
+        raise LLLMError(f"{what}: the matrix holds NaN or inf; it has no singular values")
+    if wide.device.type != "cpu":
+        return wide @ wide.mT
+    from scipy.linalg import blas
+
+    rows = wide.numpy()  # (m, n) row-major: the column-major (n, m) Aᵀ that BLAS reads without a copy
+    lower = blas.dsyrk(1.0, rows.T, trans=1, lower=1)  # (Aᵀ)ᵀ Aᵀ = A Aᵀ, its lower triangle
+    return torch.from_numpy(lower + numpy.tril(lower, -1).T)
 
 
-def _left_from_gram(gram: torch.Tensor, k: int, reference: torch.Tensor | None, dtype: torch.dtype):
-    """(S (m,), U (m, k)) from the eigendecomposition of a Gram matrix, signs by the convention of `svd`."""
+def _eigenvalues(gram: torch.Tensor) -> torch.Tensor:
+    """The ascending eigenvalues of a symmetric float64 matrix (LAPACK's syevd through SciPy on the CPU: 2.4×
+    torch's time for an (896, 896) Gram matrix here)."""
+    if gram.device.type != "cpu":
+        return torch.linalg.eigvalsh(gram)
+    from scipy.linalg import eigh
+
+    return torch.from_numpy(eigh(gram.numpy(), eigvals_only=True, driver="evd", check_finite=False))
+
+
+def _top_eigenvectors(gram: torch.Tensor, k: int) -> torch.Tensor:
+    """(m, k): the eigenvectors of the k largest eigenvalues, largest first (on the CPU LAPACK's syevr, which
+    computes those k alone: a sixth of a full eigh's time for k = 3 of 896)."""
+    m = gram.shape[0]
+    if gram.device.type != "cpu":
+        return torch.linalg.eigh(gram)[1][:, m - k:].flip(1)
+    from scipy.linalg import eigh
+
+    _, vectors = eigh(gram.numpy(), subset_by_index=[m - k, m - 1], driver="evr", check_finite=False)
+    return torch.from_numpy(numpy.ascontiguousarray(vectors[:, ::-1]))
+
+
+def _left_from_gram(gram: torch.Tensor, k: int, reference: torch.Tensor | None, dtype: torch.dtype,
+                    eigenvalues: torch.Tensor):
+    """(S (m,), U (m, k)) from a Gram matrix and its ascending `_eigenvalues`, signs by the convention of `svd`."""
     if not 1 <= k <= gram.shape[0]:
         raise ArgumentError(f"k must be between 1 and {gram.shape[0]}, got {k}")
-    eigenvalues, vectors = torch.linalg.eigh(gram)  # ascending
-    S = eigenvalues.flip(0).clamp_min(0).sqrt().to(dtype)
-    U = vectors.flip(1)[:, :k].to(dtype)
+    S = _singular_values(eigenvalues, dtype)
+    U = _top_eigenvectors(gram, k).to(dtype)
     return S, U * orientation_signs(U[None], reference)[0]
 
 
-def _stable_rank_of_gram(gram: torch.Tensor, eigenvalues: torch.Tensor | None = None) -> float:
-    """‖A‖²_F / σ²_max from the Gram matrix: its trace over its largest eigenvalue (from `eigenvalues`, its
-    ascending `eigvalsh`, where the caller has them)."""
-    largest = (torch.linalg.eigvalsh(gram) if eigenvalues is None else eigenvalues)[-1]
+def _singular_values(eigenvalues: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Singular values, largest first, from the ascending eigenvalues of a Gram matrix."""
+    return eigenvalues.flip(0).clamp_min(0).sqrt().to(dtype)
+
+
+def _stable_rank_of_gram(gram: torch.Tensor, eigenvalues: torch.Tensor) -> float:
+    """‖A‖²_F / σ²_max from the Gram matrix: its trace over its largest eigenvalue (the last of its ascending
+    `_eigenvalues`)."""
+    largest = eigenvalues[-1]
     if largest <= 0:
         raise LLLMError("the stable rank of a zero matrix is undefined (its largest singular value is 0)")
     return float(gram.diagonal().sum() / largest)
@@ -70,13 +110,13 @@ def left_spectrum(matrix: torch.Tensor, k: int, *,
     (d × T·d). Squaring costs precision only in the tail: σᵢ is accurate to about 1e-8·σ_max, enough
     for spectra, stable ranks and the leading vectors. Signs follow the convention of `svd`.
     """
-    return _left_from_gram(_gram(matrix, "left_spectrum"), k, reference, matrix.dtype)
+    gram = _gram(matrix, "left_spectrum")
+    return _left_from_gram(gram, k, reference, matrix.dtype, _eigenvalues(gram))
 
 
 def singular_values_wide(matrix: torch.Tensor) -> torch.Tensor:
     """All singular values (m,) of a wide matrix (m, n ≥ m), from the float64 Gram eigenvalues (see left_spectrum)."""
-    gram = _gram(matrix, "singular_values_wide")
-    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt().to(matrix.dtype)
+    return _singular_values(_eigenvalues(_gram(matrix, "singular_values_wide")), matrix.dtype)
 
 
 def stable_ranks_wide(matrices: torch.Tensor) -> list[float]:
@@ -87,7 +127,8 @@ def stable_ranks_wide(matrices: torch.Tensor) -> list[float]:
     """
     if matrices.ndim != 3 or matrices.shape[1] > matrices.shape[2]:
         raise LLLMError(f"stable_ranks_wide needs wide matrices (L, m, n ≥ m), got shape {tuple(matrices.shape)}")
-    return [_stable_rank_of_gram(_gram(matrix, "stable_ranks_wide")) for matrix in matrices]
+    grams = [_gram(matrix, "stable_ranks_wide") for matrix in matrices]
+    return [_stable_rank_of_gram(gram, _eigenvalues(gram)) for gram in grams]
 
 
 def wide_summary(matrix: torch.Tensor, k: int | None = None, *, reference: torch.Tensor | None = None):
@@ -95,11 +136,11 @@ def wide_summary(matrix: torch.Tensor, k: int | None = None, *, reference: torch
     `left_spectrum` (k given) or `singular_values_wide` (k None), and `stable_ranks_wide`, without forming
     A Aᵀ (the costly m²·n product) once per function."""
     gram = _gram(matrix, "wide_summary")
-    if k is None:  # eigvalsh serves the spectrum and the stable rank: the very numbers stable_ranks_wide computes
-        eigenvalues = torch.linalg.eigvalsh(gram)
-        return eigenvalues.flip(0).clamp_min(0).sqrt().to(matrix.dtype), None, _stable_rank_of_gram(gram, eigenvalues)
-    S, U = _left_from_gram(gram, k, reference, matrix.dtype)
-    return S, U, _stable_rank_of_gram(gram)  # eigvalsh, not eigh's values: bit for bit those of stable_ranks_wide
+    eigenvalues = _eigenvalues(gram)  # one eigensolve serves the spectrum and the stable rank
+    if k is None:
+        return _singular_values(eigenvalues, matrix.dtype), None, _stable_rank_of_gram(gram, eigenvalues)
+    S, U = _left_from_gram(gram, k, reference, matrix.dtype, eigenvalues)
+    return S, U, _stable_rank_of_gram(gram, eigenvalues)
 
 
 def token_svds(result: JacobianResult, k: int | None = None) -> list[SVD]:

@@ -29,7 +29,8 @@ from torch import nn
 
 from lllm.analyses.pipeline import PromptAnalysis, cached_analyze
 from lllm.errors import LinearizationError, LLLMError, MemoryBudgetError
-from lllm.kernel.jacobian import JacobianResult, detached_jacobian
+from lllm.kernel.jacobian import JacobianResult, detached_jacobian, jvp_reconstruction
+from lllm.kernel.precision import float32_products, uses_float32_products
 from lllm.analyses.steering import SteeringResult, default_layer, lambda_sweep
 from lllm.io.codecs import computation_fields, record_to_result, result_to_record
 from lllm.io.store import ResultCache
@@ -66,38 +67,51 @@ def load_analysis(model: nn.Module, tokenizer, prompt: str, fast: bool,
 
 
 def cached_jacobian(model: nn.Module, tokenizer, prompt: str, *, mlp_split: str = "activation") -> JacobianResult:
-    """The detached J⁺ of prompt's last output embedding, through the results cache (computed once)."""
+    """The detached J⁺ of prompt's last output embedding, through the results cache (computed once); a float16
+    model on the CPU has its matrix products accumulated in float32 (`lllm.kernel.precision`)."""
     options = {"mlp_split": mlp_split, "position": -1}
-    key = computation_fields(model, prompt, options=options)
-    tensors, meta, _ = ResultCache().get_or_compute(
-        JACOBIAN_KIND, key,
-        lambda: result_to_record(detached_jacobian(model, tokenizer, prompt, progress=False, mlp_split=mlp_split),
-                                 model=model, prompt=prompt, options=options),
-    )
+    if uses_float32_products(model):  # another computation than PyTorch's own float16 products: another key
+        options["products"] = "float32"
+
+    def compute() -> tuple[dict, dict]:
+        with float32_products(model):
+            result = detached_jacobian(model, tokenizer, prompt, progress=False, mlp_split=mlp_split)
+        return result_to_record(result, model=model, prompt=prompt, options=options)
+
+    tensors, meta, _ = ResultCache().get_or_compute(JACOBIAN_KIND, computation_fields(model, prompt, options=options),
+                                                    compute)
     return record_to_result(tensors, meta)
 
 
-# A float16 J⁺ on this kind of CPU is slow (float16 matrix products are not vectorized there): 183 s for SmolLM2's
-# 135M parameters on one thread. Larger models get it on CUDA, or when a notebook asks for it.
-FLOAT16_CPU_MAX_PARAMETERS = 200_000_000
-
-
-def float16_jacobian(model: str, prompt: str, loaded: nn.Module, *, force: bool = False) -> JacobianResult | str | None:
-    """The J⁺ of `model` (a name for lllm.load; `loaded` is it in another dtype) in float16, through the results
-    cache; None where it is not computed (on the CPU, a model of more than FLOAT16_CPU_MAX_PARAMETERS, unless
-    `force`); the error's text where float16 fails (Gemma 3 overflows it)."""
+def _float16(model: str, prompt: str, device: torch.device) -> tuple[nn.Module, JacobianResult | str | None]:
+    """(the float16 model, its cached J⁺ of prompt, or the error's text where float16 fails, or None where it does
+    not fit in memory)."""
     from lllm.io.models import load
 
-    parameters = sum(p.numel() for p in loaded.parameters())
-    if not force and loaded.device.type == "cpu" and parameters > FLOAT16_CPU_MAX_PARAMETERS:
-        return None
-    net, tokenizer = load(model, dtype="float16", device=loaded.device)
+    net, tokenizer = load(model, dtype="float16", device=device)
     try:
-        return cached_jacobian(net, tokenizer, prompt)
+        return net, cached_jacobian(net, tokenizer, prompt)
     except LinearizationError as error:  # float16 is not exact here (overflow): evidence, shown as such
-        return f"failed: {type(error).__name__}: {str(error).splitlines()[0]}"
+        return net, f"failed: {type(error).__name__}: {str(error).splitlines()[0]}"
     except MemoryBudgetError:  # does not fit: not measured
-        return None
+        return net, None
+
+
+def float16_jacobian(model: str, prompt: str, device: torch.device) -> JacobianResult | str | None:
+    """The J⁺ of `model` (a name for lllm.load) in float16 on `device`, through the results cache; the error's text
+    where float16 fails (Gemma 3 overflows it), None where it does not fit in memory."""
+    return _float16(model, prompt, device)[1]
+
+
+def float16_panel(model: str, prompt: str, device: torch.device
+                  ) -> tuple[JacobianResult, torch.Tensor] | str | None:
+    """Fig 3's float16 panel: (J⁺, the ordinary J's reconstruction Σ Jᵢxᵢ from one JVP), both with the products
+    of `cached_jacobian`; the error's text or None as `float16_jacobian` gives them."""
+    net, result = _float16(model, prompt, device)
+    if result is None or isinstance(result, str):
+        return result
+    with float32_products(net):
+        return result, jvp_reconstruction(net, result.inputs, detach=False)
 
 
 def cached_lambda_sweep(

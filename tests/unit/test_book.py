@@ -182,3 +182,29 @@ def test_kernels_run_offline_where_the_hub_cannot_be_reached(monkeypatch):
     monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
     with _kernel_environment():
         assert os.environ["HF_HUB_OFFLINE"] == "0"
+
+
+def test_runs_sharing_a_models_analysis_run_one_at_a_time_its_computer_first(tmp_path):
+    from lllm.apps.book.execute import _next_run
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    for order, (chapter, shares) in enumerate([("gen", []), ("recon", ["analysis"]), ("spectra", ["analysis"])]):
+        write_notebook(notebooks / f"{chapter}.ipynb", {"chapter": chapter, "title": chapter, "order": order,
+                                                        "scope": "per_model", "shares": shares})
+    runs = plan(discover(notebooks), ["a", "b"], PROMPT, "float32", False, tmp_path / "book", FINGERPRINT)
+    by = {(run.notebook.chapter, run.model): run for run in runs}
+    pending, done = list(runs), set()
+    # the analyses' first readers (who compute them) first, one per model, then what shares nothing
+    assert _next_run(pending, [], done) is by["recon", "a"]
+    assert _next_run(pending, [by["recon", "a"]], done) is by["recon", "b"]
+    assert _next_run(pending, [by["recon", "a"], by["recon", "b"]], done) is by["gen", "a"]
+    # while model a's analysis is computed, its other reader waits: model b's does not
+    pending = [by["spectra", "a"], by["spectra", "b"]]
+    assert _next_run(pending, [by["recon", "a"]], {("b", "analysis")}) is by["spectra", "b"]
+    assert _next_run(pending[:1], [by["recon", "a"]], set()) is None
+    assert _next_run(pending[:1], [], {("a", "analysis")}) is by["spectra", "a"]
+    write_notebook(notebooks / "bad.ipynb", {"chapter": "bad", "title": "B", "order": 9, "scope": "per_model",
+                                             "shares": "analysis"})
+    with pytest.raises(NotebookMetadataError, match="cached computations"):
+        discover(notebooks)

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -194,15 +194,16 @@ def _kernel_environment(threads: int | None = None) -> Iterator[None]:
     transformers' GGUF loading): in an executed notebook they are only hundreds of stderr lines.
     The warning filter silences tqdm.auto's "IProgress not found" on import in a kernel without
     ipywidgets, which a static offline book could not display anyway. `threads` sets the kernels'
-    OpenMP threads (torch's intra-op threads), so that concurrent kernels share the cores. Where the
-    Hugging Face hub cannot be reached and the user has not said either way (HF_HUB_OFFLINE), the
-    kernels run offline: a notebook about a hub model then says at once that it is not available,
+    OpenMP threads (torch's intra-op threads) and SciPy's OpenBLAS threads (the Gram matrices' syrk),
+    so that concurrent kernels share the cores. Where the Hugging Face hub cannot be reached and the
+    user has not said either way (HF_HUB_OFFLINE), the kernels run offline: a notebook about a hub model then says at once that it is not available,
     instead of printing a page of "Retrying in Ns" while transformers retries.
     """
     warnings = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:IProgress not found:Warning"]))
     overrides = {"PYTHONPATH": python_path_with_this_lllm(), "TQDM_DISABLE": "1", "PYTHONWARNINGS": warnings}
     if threads is not None:  # the cores divided among the kernels that run at once
-        overrides.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        overrides.update({name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                          "OPENBLAS_NUM_THREADS")})
     from lllm.io.models import hub_reachable  # late: the driver itself does not need torch
 
     if not any(name in os.environ for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")) and not hub_reachable():
@@ -231,8 +232,7 @@ def execute_all(runs: Sequence[Run], *, jobs: int = 1, force: bool = False, prog
             report.skipped.append(run)
         else:
             todo.append(run)
-    # Per-model runs first, interleaved by model so that concurrent ones rarely wait for the same analysis
-    # (the results cache lets one compute it and the other read it); the all-models runs read their results.
+    # Per-model runs first, interleaved by model; the all-models runs read their results.
     by_model: dict[str, list[Run]] = {}
     for run in todo:
         if run.model is not None:
@@ -257,20 +257,51 @@ def execute_all(runs: Sequence[Run], *, jobs: int = 1, force: bool = False, prog
     return report
 
 
-def _execute_stage(runs: Sequence[Run], jobs: int, bar) -> Iterator[tuple[Run, Failure | None]]:
-    """(run, failure or None) for each run, executed in this process or in a pool of `jobs` processes."""
+def _groups(run: Run) -> set[tuple[str | None, str]]:
+    """The (model, name) of every cached computation `run` shares with other runs (notebook metadata "shares")."""
+    return {(run.model, name) for name in run.notebook.shares}
+
+
+def _next_run(pending: list[Run], running: Sequence[Run], done: set) -> Run | None:
+    """The run to start next, or None while every pending one waits for a running one.
+
+    Runs that share a cached computation of one model (the per-prompt analysis) run one at a time: the first
+    computes it, the others read it afterwards instead of holding a process while they wait on its lock. The
+    run that will compute a shared result goes first, then the runs that share nothing, then the readers.
+    """
+    busy = set().union(*map(_groups, running))
+    ready = [run for run in pending if not _groups(run) & busy]
+    if not ready:
+        return None
+    rank = lambda run: 0 if _groups(run) - done else 2 if _groups(run) else 1  # noqa: E731
+    return min(ready, key=lambda run: (rank(run), pending.index(run)))
+
+
+def _execute_stage(runs: Sequence[Run], jobs: int, bar) -> Iterator[tuple[Run, tuple[Failure | None, RunCost]]]:
+    """(run, (failure or None, cost)) for each run, executed in this process or in a pool of `jobs` processes, in
+    the order `_next_run` picks."""
+    pending, done = list(runs), set()
     if jobs <= 1 or len(runs) <= 1:
-        for run in runs:
+        while pending:
+            run = _next_run(pending, [], done)
+            pending.remove(run)
             bar.set_postfix_str(run.label, refresh=True)
             yield run, execute_measured(run)
+            done |= _groups(run)
             bar.update()
         return
     # processes, not threads: papermill chdirs into the notebook's directory, which is process-wide
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(execute_measured, run): run for run in runs}
-        bar.set_postfix_str(f"{len(runs)} queued on {jobs} processes", refresh=True)
-        for future in as_completed(futures):
-            run = futures[future]
-            bar.set_postfix_str(f"done {run.label}", refresh=True)
-            yield run, future.result()
-            bar.update()
+        running: dict = {}
+        while pending or running:
+            while len(running) < jobs and (run := _next_run(pending, list(running.values()), done)) is not None:
+                pending.remove(run)
+                running[pool.submit(execute_measured, run)] = run
+            bar.set_postfix_str(f"{len(running)} running, {len(pending)} queued on {jobs} processes", refresh=True)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run = running.pop(future)
+                done |= _groups(run)
+                bar.set_postfix_str(f"done {run.label}", refresh=True)
+                yield run, future.result()
+                bar.update()

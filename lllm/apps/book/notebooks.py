@@ -50,6 +50,7 @@ PAGE_ORDER = ("paper_vs_book.md", "linearization_choice.md", "performance.md", "
 # cleanly, since the book is built with -W.
 API_MODULES = (
     "lllm.io.models", "lllm.io.embedded", "lllm.io.store", "lllm.kernel.oplevel", "lllm.kernel.parts", "lllm.kernel.jacobian",
+    "lllm.kernel.precision",
     "lllm.kernel.layers", "lllm.kernel.matfree", "lllm.analyses.decompose", "lllm.analyses.pipeline",
     "lllm.analyses.generation", "lllm.analyses.steering", "lllm.apps.sweep.engines", "lllm.apps.sweep.results",
     "lllm.apps.book.site", "lllm.errors",
@@ -74,6 +75,7 @@ class NotebookSpec:
     scope: str  # "per_model" or "all_models"
     summary: str  # the chapter page's text: metadata "summary", else the first markdown cell
     reads: tuple[str, ...] = ()  # glob patterns (from the notebook's directory) of data files made elsewhere
+    shares: tuple[str, ...] = ()  # cached per-model computations other notebooks read too (e.g. "analysis")
     parameters: frozenset[str] = frozenset()  # names assigned in its `parameters` cell
     paper: tuple[str, str] | None = None  # (where, the paper's own words): what the paper shows for this page
     part: str = "figures"  # "figures": a figure or table of the paper; "beyond": what the book adds to it
@@ -131,6 +133,9 @@ def _spec_from_metadata(path: Path, nb) -> NotebookSpec:
     reads = meta.get("reads", [])
     if not (isinstance(reads, list) and all(isinstance(r, str) and r for r in reads)):
         raise NotebookMetadataError(f"{path}: 'reads' {reads!r} must be a list of glob patterns")
+    shares = meta.get("shares", [])
+    if not (isinstance(shares, list) and all(isinstance(name, str) and name for name in shares)):
+        raise NotebookMetadataError(f"{path}: 'shares' {shares!r} must be a list of names of cached computations")
     paper = meta.get("paper")
     if paper is not None and not (isinstance(paper, dict) and all(isinstance(paper.get(k), str) and paper[k]
                                                                   for k in ("where", "quote"))):
@@ -141,7 +146,7 @@ def _spec_from_metadata(path: Path, nb) -> NotebookSpec:
         raise NotebookMetadataError(f"{path}: part {part!r} is not one of {tuple(PARTS)}")
     summary = meta.get("summary") or _first_markdown_text(nb)
     return NotebookSpec(path=path.resolve(), chapter=chapter, title=str(meta["title"]), order=float(meta["order"]),
-                        scope=scope, summary=summary, reads=tuple(reads), parameters=names,
+                        scope=scope, summary=summary, reads=tuple(reads), shares=tuple(shares), parameters=names,
                         paper=None if paper is None else (paper["where"], paper["quote"]), part=part)
 
 

@@ -1,0 +1,55 @@
+"""Float16 on the CPU at the speed of float32: matrix products accumulated in float32 and rounded once.
+
+PyTorch's CPU kernel for float16 matrix products is not vectorized on most x86 CPUs: SmolLM2's float16 J⁺ takes
+183 s there on one thread, 98% of it in aten::mm. A GPU's float16 GEMM reads float16, accumulates in float32 and
+rounds the result to float16 once; `float32_products` does the same on the CPU (8.4 s for that J⁺). Every other
+op runs as the model asks, so activations, weights and every op's result stay float16: the model is still a
+float16 model, its products are summed in another order than PyTorch's CPU kernel sums them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+_aten = torch.ops.aten
+PRODUCTS = frozenset({_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default})
+
+
+def _widened(value):
+    """A float16 tensor as float32 (exact), anything else unchanged."""
+    return value.float() if isinstance(value, torch.Tensor) and value.dtype == torch.float16 else value
+
+
+class Float32Products(TorchDispatchMode):
+    """Below autograd, so that the forward's and every backward's products are caught: a float16 product on the
+    CPU runs in float32 and its result is rounded to float16."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in PRODUCTS and any(isinstance(a, torch.Tensor) and a.dtype == torch.float16 and a.device.type == "cpu"
+                                    for a in args):
+            return func(*tree_map(_widened, args), **tree_map(_widened, kwargs)).to(torch.float16)
+        return func(*args, **kwargs)
+
+
+def uses_float32_products(model: nn.Module) -> bool:
+    """Whether `float32_products(model)` changes anything: a float16 model on the CPU."""
+    weight = next(model.parameters(), None)
+    return weight is not None and weight.dtype == torch.float16 and weight.device.type == "cpu"
+
+
+@contextmanager
+def float32_products(model: nn.Module) -> Iterator[bool]:
+    """Within it, a float16 CPU model's matrix products accumulate in float32 (see the module docstring); other
+    models run untouched. Yields whether it is active."""
+    if not uses_float32_products(model):
+        yield False
+        return
+    with Float32Products():
+        yield True
