@@ -29,6 +29,10 @@ class MemoryBudgetError(LLLMError):
     """The requested computation would not fit in the available memory."""
 
 
+class NumericalRangeError(LLLMError):
+    """The model's own forward overflows its dtype (inf or NaN): no Jacobian can reproduce its output."""
+
+
 class CacheError(LLLMError):
     """A results-cache entry is corrupt or does not match its metadata."""
 

@@ -15,7 +15,7 @@ input space; column c = ∂y/∂xᵢ,c and the left singular vectors live in out
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy
@@ -354,29 +354,49 @@ def decode_svd(
     T·d) is decoded token by token ("v_by_token", T entries). Returns one JSON-serializable dict per
     triplet: {"index", "singular_value", "u", "v" or "v_by_token"}.
     """
-    check_type(decomposition, SVD, "decomposition", "pass one SVD, e.g. lllm.token_svds(result)[-1]")
+    return decode_svds([decomposition], model, tokenizer, k_vectors, k_tokens, through_norm=through_norm,
+                       signs=signs)[0]
+
+
+def decode_svds(
+    decompositions: Sequence[SVD], model: nn.Module, tokenizer, k_vectors: int = 3, k_tokens: int = 5, *,
+    through_norm: bool = False, signs: str = "positive",
+) -> list[list[dict]]:
+    """`decode_svd` of each decomposition, all their vectors in one lm_head product and one embedding product: each
+    product reads the whole (V, d) matrix (671 MB for Gemma 3), which costs more than the vectors themselves."""
+    for decomposition in decompositions:
+        check_type(decomposition, SVD, "decomposition", "pass one SVD, e.g. lllm.token_svds(result)[-1]")
     check_int(k_vectors, "k_vectors")
-    if not 1 <= k_vectors <= decomposition.k:
-        raise ArgumentError(f"k_vectors must be between 1 and the SVD's {decomposition.k} triplets, got {k_vectors}")
+    for decomposition in decompositions:
+        if not 1 <= k_vectors <= decomposition.k:
+            raise ArgumentError(f"k_vectors must be between 1 and the SVD's {decomposition.k} triplets, got "
+                                f"{k_vectors}")
     d = model.get_input_embeddings().embedding_dim
-    u_tokens = decode_output(decomposition.U[:, :k_vectors].mT, model, tokenizer, k_tokens,
-                             through_norm=through_norm, signs=signs)
-    width = decomposition.Vh.shape[1]
-    if width % d:
-        raise LLLMError(f"right singular vectors of width {width} are not one or more input embeddings of size {d}")
-    right = split_right_vectors(decomposition, width // d)[:k_vectors]  # (k, T, d)
-    n_tokens = right.shape[1]
-    v_tokens = decode_input(right.reshape(-1, d), model, tokenizer, k_tokens, signs=signs)
-    table = []
-    for i in range(k_vectors):
-        entry = {"index": i, "singular_value": float(decomposition.S[i]), "u": u_tokens[i].to_dict()}
-        per_token = [decoded.to_dict() for decoded in v_tokens[i * n_tokens : (i + 1) * n_tokens]]
-        if n_tokens == 1:
-            entry["v"] = per_token[0]
-        else:
-            entry["v_by_token"] = per_token
-        table.append(entry)
-    return table
+    rights = []
+    for decomposition in decompositions:
+        width = decomposition.Vh.shape[1]
+        if width % d:
+            raise LLLMError(f"right singular vectors of width {width} are not one or more input embeddings of size "
+                            f"{d}")
+        rights.append(split_right_vectors(decomposition, width // d)[:k_vectors])  # (k, T, d)
+    u_tokens = decode_output(torch.cat([one.U[:, :k_vectors].mT for one in decompositions]), model, tokenizer,
+                             k_tokens, through_norm=through_norm, signs=signs)
+    v_tokens = decode_input(torch.cat([right.reshape(-1, d) for right in rights]), model, tokenizer, k_tokens,
+                            signs=signs)
+    tables, u_at, v_at = [], 0, 0
+    for decomposition, right in zip(decompositions, rights):
+        n_tokens, table = right.shape[1], []
+        for i in range(k_vectors):
+            entry = {"index": i, "singular_value": float(decomposition.S[i]), "u": u_tokens[u_at + i].to_dict()}
+            per_token = [decoded.to_dict() for decoded in v_tokens[v_at + i * n_tokens: v_at + (i + 1) * n_tokens]]
+            if n_tokens == 1:
+                entry["v"] = per_token[0]
+            else:
+                entry["v_by_token"] = per_token
+            table.append(entry)
+        tables.append(table)
+        u_at, v_at = u_at + k_vectors, v_at + k_vectors * n_tokens
+    return tables
 
 
 def projection_onto(reference: SVD, decomposition: SVD, k: int = 2) -> torch.Tensor:

@@ -180,7 +180,7 @@ def analyze(
         "bias_fraction": None if final.bias is None else float(final.bias.norm() / final.output.norm()),
         "token_stable_rank": dec.per_token_stable_rank(final).tolist(),
         "stable_ranks": {kind: reduced[kind]["stable_ranks"] for kind in reduced},
-        "token_decodings": [dec.decode_svd(s, model, tokenizer, k_vectors, k_tokens) for s in svds],
+        "token_decodings": dec.decode_svds(svds, model, tokenizer, k_vectors, k_tokens),
         "row_col_features": _features(final.block(last), model, tokenizer, k_tokens),
         "layer_errors": {f"{kind}.{c}": reduced[kind]["errors"][c] for kind in reduced for c in components},
         "layer_decodings": _layer_decodings(layer_top_u["layer"], layer_spectra["layer"], model, tokenizer,
@@ -293,23 +293,27 @@ def _layer_decodings(top_u: torch.Tensor, spectra: torch.Tensor, model, tokenize
                      top_v: torch.Tensor | None = None, n_tokens: int = 1) -> list[list[dict]]:
     """Per layer, its top left singular vectors decoded through lm_head (the "Output" of Tables 1–3): (L × k) dicts;
     with top_v (L, k, T·d) each also gets "v", its right singular vector (the tables' "Input") decoded by cosine
-    with the input embeddings at the token where it weighs most ("token", its "share" of |v|²)."""
-    table = []
-    for ell, (u, s) in enumerate(zip(top_u, spectra)):  # u: (d, k), already through the final norm
-        decoded = dec.decode_output(u.mT, model, tokenizer, k_tokens)
-        entries = [{"singular_value": float(s[i]), **decoded[i].to_dict()} for i in range(u.shape[1])]
-        if top_v is not None:
-            v = top_v[ell].reshape(u.shape[1], n_tokens, -1)  # (k, T, d_in): each vector's part per input token
-            shares = v.double().square().sum(dim=-1)  # (k, T)
-            where = shares.argmax(dim=1).tolist()
-            live = [j for j in range(len(entries)) if shares[j].sum() > 0]  # σⱼ = 0: no direction to decode
-            inputs = dec.decode_input(v[live, [where[j] for j in live]], model, tokenizer, k_tokens) if live else []
-            for entry in entries:
-                entry["v"] = None
-            for j, found in zip(live, inputs):
-                entries[j]["v"] = {**found.to_dict(), "token": where[j],
-                                   "share": float(shares[j, where[j]] / shares[j].sum())}
-        table.append(entries)
+    with the input embeddings at the token where it weighs most ("token", its "share" of |v|²). Every layer's
+    vectors go through one product (each reads the whole vocabulary matrix)."""
+    n_layers, d, k = top_u.shape  # each u already through the final norm
+    decoded = dec.decode_output(top_u.mT.reshape(n_layers * k, d), model, tokenizer, k_tokens)
+    table = [[{"singular_value": float(s[i]), **decoded[ell * k + i].to_dict()} for i in range(k)]
+             for ell, s in enumerate(spectra)]
+    if top_v is None:
+        return table
+    v = top_v.reshape(n_layers, k, n_tokens, -1)  # (L, k, T, d_in): each vector's part per input token
+    shares = v.double().square().sum(dim=-1)  # (L, k, T)
+    where = shares.argmax(dim=2)  # (L, k)
+    live = [(ell, j) for ell in range(n_layers) for j in range(k) if shares[ell, j].sum() > 0]  # σⱼ = 0: no vector
+    inputs = dec.decode_input(torch.stack([v[ell, j, where[ell, j]] for ell, j in live]), model, tokenizer,
+                              k_tokens) if live else []
+    for entries in table:
+        for entry in entries:
+            entry["v"] = None
+    for (ell, j), found in zip(live, inputs):
+        at = int(where[ell, j])
+        share = float(shares[ell, j, at] / shares[ell, j].sum())
+        table[ell][j]["v"] = {**found.to_dict(), "token": at, "share": share}
     return table
 
 

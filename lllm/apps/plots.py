@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lllm.analyses.pipeline import PromptAnalysis, cached_analyze
-from lllm.errors import LinearizationError, LLLMError, MemoryBudgetError
+from lllm.errors import LinearizationError, LLLMError, MemoryBudgetError, NumericalRangeError
 from lllm.kernel.jacobian import JacobianResult, detached_jacobian, jvp_reconstruction
 from lllm.kernel.precision import float32_products, uses_float32_products
 from lllm.analyses.steering import SteeringResult, default_layer, lambda_sweep
@@ -91,7 +91,7 @@ def _float16(model: str, prompt: str, device: torch.device) -> tuple[nn.Module, 
     net, tokenizer = load(model, dtype="float16", device=device)
     try:
         return net, cached_jacobian(net, tokenizer, prompt)
-    except LinearizationError as error:  # float16 is not exact here (overflow): evidence, shown as such
+    except (NumericalRangeError, LinearizationError) as error:  # float16 overflows or is not exact: evidence
         return net, f"failed: {type(error).__name__}: {str(error).splitlines()[0]}"
     except MemoryBudgetError:  # does not fit: not measured
         return net, None

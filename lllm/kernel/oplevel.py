@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lllm.errors import CoverageError, LinearizationError, ReplayError, UnsupportedModelError
+from lllm.errors import CoverageError, LinearizationError, NumericalRangeError, ReplayError, UnsupportedModelError
 from lllm.kernel.mode import LinearizingMode
 from lllm.kernel.opargs import tensors_in
 from lllm.kernel.optable import C, L, A, LIVE, MLP_SPLITS, TAG_MEANING
@@ -90,7 +90,12 @@ class OpLinearization:
             self.tags[t] = L
 
     def check_linear(self, t: torch.Tensor, what: str) -> None:
-        """Raise unless `t` is proven linear (affine with biases) in x."""
+        """Raise unless `t` is proven linear (affine with biases) in x, and finite (before any Jacobian work)."""
+        if not bool(torch.isfinite(t.detach()).all()):
+            raise NumericalRangeError(
+                f"{what} holds inf or NaN in {t.dtype}: the model's activations overflow this dtype, so no "
+                "Jacobian reproduces it (Gemma 3 in float16 does so); use float32, bfloat16 or float64"
+            )
         tag = self.tag(t)
         if tag not in (L, A):
             raise CoverageError(

@@ -49,3 +49,14 @@ def test_cli_jacobian_prints_and_saves(cli_smollm2, tmp_path, capsys):
     assert meta["prompt"] == PROMPT and len(meta["token_ids"]) == 7
     assert record_to_result(tensors, meta).relative_error <= 5e-6
     json.dumps(meta)  # the metadata is plain JSON
+
+
+def test_float16_panel_of_fig3_reconstructs_to_float16_precision_or_says_why_not(tmp_cache):
+    from lllm.apps import plots
+
+    result, ordinary = plots.float16_panel("smollm2-135m", PROMPT, torch.device("cpu"))
+    assert result.jacobian.dtype == torch.float16
+    assert 1e-4 < result.relative_error < 1e-2  # float16's precision: the paper reports about 1e-3
+    assert lllm.relative_error(result.output, ordinary) > 0.1  # the ordinary J does not reconstruct y
+    failed = plots.float16_jacobian("gemma3-270m", PROMPT, torch.device("cpu"))
+    assert isinstance(failed, str) and "NumericalRangeError" in failed and "overflow" in failed

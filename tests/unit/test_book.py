@@ -204,6 +204,11 @@ def test_runs_sharing_a_models_analysis_run_one_at_a_time_its_computer_first(tmp
     assert _next_run(pending, [by["recon", "a"]], {("b", "analysis")}) is by["spectra", "b"]
     assert _next_run(pending[:1], [by["recon", "a"]], set()) is None
     assert _next_run(pending[:1], [], {("a", "analysis")}) is by["spectra", "a"]
+    # the larger model's first: its runs are the longest
+    sized = plan(discover(notebooks), ["smollm2-135m", "qwen2.5-coder-0.5b"], PROMPT, "float32", False,
+                 tmp_path / "book", FINGERPRINT)
+    first = _next_run(sized, [], set())
+    assert (first.notebook.chapter, first.model) == ("recon", "qwen2.5-coder-0.5b")
     write_notebook(notebooks / "bad.ipynb", {"chapter": "bad", "title": "B", "order": 9, "scope": "per_model",
                                              "shares": "analysis"})
     with pytest.raises(NotebookMetadataError, match="cached computations"):

@@ -1,8 +1,10 @@
 """float32_products: float16 products on the CPU summed in float32, rounded once; the rest of the model untouched."""
 
+import pytest
 import torch
 
 import lllm
+from lllm.errors import NumericalRangeError
 from lllm.kernel import precision
 from lllm.kernel.precision import Float32Products, float32_products, uses_float32_products
 from tiny import IdsTokenizer, tiny_model
@@ -59,3 +61,14 @@ def test_float32_products_leave_a_float32_model_untouched():
         after = lllm.detached_jacobian(model, IdsTokenizer(), IDS, progress=False)
     assert active is False
     assert torch.equal(before.jacobian, after.jacobian)
+
+
+def test_a_forward_that_overflows_its_dtype_is_refused_before_any_jacobian_work():
+    model = tiny_model("llama", torch.float16)
+    scale = lambda module, args, out: (out[0] * 1e5, *out[1:]) if isinstance(out, tuple) else out * 1e5  # noqa: E731
+    handle = model.model.layers[0].register_forward_hook(scale)  # linear, but past float16's 65504: inf, then NaN
+    try:
+        with pytest.raises(NumericalRangeError, match="overflow"), float32_products(model):
+            lllm.detached_jacobian(model, IdsTokenizer(), IDS, progress=False)
+    finally:
+        handle.remove()

@@ -196,8 +196,9 @@ def _kernel_environment(threads: int | None = None) -> Iterator[None]:
     ipywidgets, which a static offline book could not display anyway. `threads` sets the kernels'
     OpenMP threads (torch's intra-op threads) and SciPy's OpenBLAS threads (the Gram matrices' syrk),
     so that concurrent kernels share the cores. Where the Hugging Face hub cannot be reached and the
-    user has not said either way (HF_HUB_OFFLINE), the kernels run offline: a notebook about a hub model then says at once that it is not available,
-    instead of printing a page of "Retrying in Ns" while transformers retries.
+    user has not said either way (HF_HUB_OFFLINE), the kernels run offline: a notebook about a hub
+    model then says at once that it is not available, instead of printing a page of "Retrying in Ns"
+    while transformers retries.
     """
     warnings = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:IProgress not found:Warning"]))
     overrides = {"PYTHONPATH": python_path_with_this_lllm(), "TQDM_DISABLE": "1", "PYTHONWARNINGS": warnings}
@@ -267,14 +268,24 @@ def _next_run(pending: list[Run], running: Sequence[Run], done: set) -> Run | No
 
     Runs that share a cached computation of one model (the per-prompt analysis) run one at a time: the first
     computes it, the others read it afterwards instead of holding a process while they wait on its lock. The
-    run that will compute a shared result goes first, then the runs that share nothing, then the readers.
+    run that will compute a shared result goes first, then the runs that share nothing, then the readers; within
+    each, the larger model first (its runs are the longest: started last, they would end the build alone).
     """
     busy = set().union(*map(_groups, running))
     ready = [run for run in pending if not _groups(run) & busy]
     if not ready:
         return None
     rank = lambda run: 0 if _groups(run) - done else 2 if _groups(run) else 1  # noqa: E731
-    return min(ready, key=lambda run: (rank(run), pending.index(run)))
+    return min(ready, key=lambda run: (rank(run), -_weights_size(run.model), pending.index(run)))
+
+
+def _weights_size(model: str | None) -> int:
+    """Bytes of a model's weights file where known without loading it (an embedded model, a local file), else 0."""
+    from lllm.io.embedded import EMBEDDED_MODELS
+
+    if model in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[model].size or 0
+    return os.path.getsize(model) if model is not None and os.path.isfile(model) else 0
 
 
 def _execute_stage(runs: Sequence[Run], jobs: int, bar) -> Iterator[tuple[Run, tuple[Failure | None, RunCost]]]:
