@@ -86,7 +86,7 @@ def start_ids(tokenizer, prompt_or_ids: str | Sequence[int] | torch.Tensor | Non
     return document_start(tokenizer)[0] if prompt_or_ids is None else tokenize(tokenizer, prompt_or_ids)
 
 
-def _check_length(model: nn.Module, n_prompt: int, n_tokens: int) -> None:
+def check_length(model: nn.Module, n_prompt: int, n_tokens: int) -> None:
     """Refuse a non-positive token count, or a continuation longer than the model's positions."""
     check_int(n_tokens, "n_tokens", minimum=1)
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -120,7 +120,7 @@ def greedy_continuation(
 
     logits_fn(model, ids) -> (vocab,) gives the next-token logits; steering passes a hooked forward.
     """
-    _check_length(model, len(ids), n_tokens)
+    check_length(model, len(ids), n_tokens)
     ids, new = list(ids), []
     for _ in range(n_tokens):
         new.append(int(logits_fn(model, ids + new).argmax()))
@@ -143,7 +143,7 @@ def generate_with_jacobians(
     k: also keep the top-k singular values of every J⁺ᵢ (d_out, d_in) of every step, (T, k) per step.
     """
     prompt = start_ids(tokenizer, prompt_or_ids)
-    _check_length(model, len(prompt), n_tokens)
+    check_length(model, len(prompt), n_tokens)
     ids, steps = list(prompt), []
     for _ in tqdm(range(n_tokens), desc="generation steps", disable=not progress, leave=False):
         result = detached_jacobian(model, tokenizer, ids, chunk_size=chunk_size, progress=progress, mlp_split=mlp_split)

@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lllm.errors import ArgumentError, LLLMError, ReplayError, UnsupportedModelError
-from lllm.analyses.generation import greedy_continuation, next_token_logits
+from lllm.analyses.generation import check_length, next_token_logits
 from lllm.kernel.jacobian import embed, relative_error, self_check, text_config, tokenize
 from lllm.kernel.parts import decoder_parts
 from lllm.kernel.tracing import (
@@ -116,11 +116,18 @@ class SteeringOperator:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """J⁺_L x + c_L for the last W = min(T, T_c) rows of inputs x: (T, d), right-aligned: (W, d)."""
-        n_new, n_concept = x.shape[0], self.n_tokens
+        return self.apply_rows(x[None])[0]
+
+    def apply_rows(self, xs: torch.Tensor) -> torch.Tensor:
+        """`apply` to each of a batch of inputs xs: (B, T, d) -> (B, W, d), in one replay where the recording
+        allows a batch (else one replay each)."""
+        n_new, n_concept = xs.shape[1], self.n_tokens
         width = min(n_new, n_concept)
-        window = x.new_zeros(n_concept, x.shape[1])  # positions with no new input contribute nothing
-        window[n_concept - width :] = x[n_new - width :]
-        return self._replay(window[None])[0, n_concept - width :]
+        windows = xs.new_zeros(xs.shape[0], n_concept, xs.shape[2])  # positions with no new input contribute nothing
+        windows[:, n_concept - width :] = xs[:, n_new - width :]
+        if xs.shape[0] > 1 and not self.recording.batch_safe:
+            return torch.cat([self._replay(window[None]) for window in windows])[:, n_concept - width :]
+        return self._replay(windows)[:, n_concept - width :]
 
     def jacobian(self, chunk_size: int | None = None, progress: bool = False) -> torch.Tensor:
         """The materialized J⁺_L: (T_c, d_out, T_c, d_in), J[p, :, q, :] = ∂f_L[p] / ∂x_q (zero for q > p)."""
@@ -171,9 +178,12 @@ def _check_lam(lam: float) -> float:
 
 
 @contextmanager
-def _mixed_layer(operator: SteeringOperator, steer_rows: torch.Tensor, lam: float) -> Iterator[None]:
-    """Inside: decoder layer L's output has its last W rows replaced by λ·f_L + (1 − λ)·steer_rows (W, d)."""
-    width = steer_rows.shape[0]
+def _mixed_layer(operator: SteeringOperator, steer_rows: torch.Tensor, lam: float | torch.Tensor) -> Iterator[None]:
+    """Inside: decoder layer L's output has its last W rows replaced by λ·f_L + (1 − λ)·steer_rows (W, d), or for a
+    batch by λ_b·f_L + (1 − λ_b)·steer_rows[b] with lam (B,) and steer_rows (B, W, d)."""
+    width = steer_rows.shape[-2]
+    if isinstance(lam, torch.Tensor):
+        lam = lam.to(steer_rows.dtype)[:, None, None]  # (B, 1, 1)
 
     def hook(module: nn.Module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output  # (B, T, d)
@@ -206,8 +216,30 @@ def steered_logits(operator: SteeringOperator, ids: Sequence[int], lam: float) -
 
 def steered_continuation(operator: SteeringOperator, ids: Sequence[int], lam: float, n_tokens: int) -> list[int]:
     """n_tokens greedy token ids after ids, with eq. 16 applied at every step to the grown sequence."""
-    lam = _check_lam(lam)
-    return greedy_continuation(operator.model, ids, n_tokens, lambda model, seq: steered_logits(operator, seq, lam))
+    return steered_continuations(operator, ids, [lam], n_tokens)[0]
+
+
+def steered_continuations(operator: SteeringOperator, ids: Sequence[int], lams: Sequence[float | None],
+                          n_tokens: int) -> list[list[int]]:
+    """`steered_continuation` for every λ of lams (None: the model's own, unsteered), decoded together: all have
+    the same length at every step, so one batched forward serves them all. Greedy decoding on a CPU is bound by
+    reading the weights, once per forward: a batch of seven costs about what one continuation did."""
+    model, ids = operator.model, list(ids)
+    check_length(model, len(ids), n_tokens)  # before any work
+    steered = [lam is not None for lam in lams]
+    lam = torch.tensor([1.0 if lam is None else _check_lam(lam) for lam in lams])
+    sequences = [list(ids) for _ in lams]
+    for _ in range(n_tokens):
+        batch = torch.tensor(sequences, device=model.device)  # (B, T): every row as long as the others
+        with torch.no_grad():
+            x = model.get_input_embeddings()(batch)  # (B, T, d), as `embed` gives each row
+            # unsteered rows mix with λ = 1 and zero rows: 1·f_L + 0·0, f_L itself bit for bit
+            steer_rows = operator.apply_rows(x) * torch.tensor(steered, dtype=x.dtype, device=x.device)[:, None, None]
+            with _mixed_layer(operator, steer_rows, lam.to(x.device)):
+                logits = model(input_ids=batch, use_cache=False, logits_to_keep=1).logits[:, -1]  # (B, vocab)
+        for sequence, token in zip(sequences, logits.argmax(dim=-1).tolist()):
+            sequence.append(int(token))
+    return [sequence[len(ids):] for sequence in sequences]
 
 
 @dataclass
@@ -250,16 +282,16 @@ def lambda_sweep(
     n_tokens: int = 8,
     mlp_split: str = "activation",
 ) -> list[SteeringResult]:
-    """steer() for every λ in lams, with J⁺_L of the concept and the normal continuation computed once."""
+    """steer() for every λ in lams, with J⁺_L of the concept recorded once and every continuation decoded in one
+    batch (`steered_continuations`)."""
     lams = [_check_lam(lam) for lam in lams]
     operator = concept_operator(model, tokenizer, concept, layer=layer, mlp_split=mlp_split)
     prompt_ids = tokenize(tokenizer, prompt)
-    normal = greedy_continuation(model, prompt_ids, n_tokens)
+    normal, *continuations = steered_continuations(operator, prompt_ids, [None, *lams], n_tokens)
     concept_text = concept if isinstance(concept, str) else tokenizer.decode(operator.token_ids)
     prompt_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids)
     results = []
-    for lam in lams:
-        steered = steered_continuation(operator, prompt_ids, lam, n_tokens)
+    for lam, steered in zip(lams, continuations):
         results.append(SteeringResult(
             concept=concept_text, prompt=prompt_text, layer=operator.layer, lam=lam, prompt_ids=prompt_ids,
             normal_ids=normal, steered_ids=steered, normal_text=tokenizer.decode(prompt_ids + normal),
