@@ -127,8 +127,11 @@ def stable_ranks_wide(matrices: torch.Tensor) -> list[float]:
     """
     if matrices.ndim != 3 or matrices.shape[1] > matrices.shape[2]:
         raise LLLMError(f"stable_ranks_wide needs wide matrices (L, m, n ≥ m), got shape {tuple(matrices.shape)}")
-    grams = [_gram(matrix, "stable_ranks_wide") for matrix in matrices]
-    return [_stable_rank_of_gram(gram, _eigenvalues(gram)) for gram in grams]
+    ranks = []
+    for matrix in matrices:  # one Gram matrix alive at a time
+        gram = _gram(matrix, "stable_ranks_wide")
+        ranks.append(_stable_rank_of_gram(gram, _eigenvalues(gram)))
+    return ranks
 
 
 def wide_summary(matrix: torch.Tensor, k: int | None = None, *, reference: torch.Tensor | None = None):
@@ -364,6 +367,8 @@ def decode_svds(
 ) -> list[list[dict]]:
     """`decode_svd` of each decomposition, all their vectors in one lm_head product and one embedding product: each
     product reads the whole (V, d) matrix (671 MB for Gemma 3), which costs more than the vectors themselves."""
+    if not decompositions:
+        return []
     for decomposition in decompositions:
         check_type(decomposition, SVD, "decomposition", "pass one SVD, e.g. lllm.token_svds(result)[-1]")
     check_int(k_vectors, "k_vectors")

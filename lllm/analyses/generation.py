@@ -7,13 +7,13 @@ that: for step s, the detached Jacobian of the output embedding predicted from t
 the top-k singular values of each J⁺ᵢ.
 
 `greedy_continuation` is the plain argmax loop (no KV cache: each step recomputes the whole
-sequence). Steering (lllm.analyses.steering) runs the same loop with a hook on one layer, so that the
-normal and the steered continuations differ only by the hook.
+sequence). Steering (lllm.analyses.steering) decodes the same way, the normal and the steered
+continuations in one batch, so that they differ only by its hook on one layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,20 +110,12 @@ def top_next_tokens(model: nn.Module, tokenizer, ids: Sequence[int], k: int = 5)
             for p, i in zip(top.values.tolist(), top.indices.tolist())]
 
 
-def greedy_continuation(
-    model: nn.Module,
-    ids: Sequence[int],
-    n_tokens: int,
-    logits_fn: Callable[[nn.Module, list[int]], torch.Tensor] = next_token_logits,
-) -> list[int]:
-    """n_tokens greedy (argmax) token ids after ids; every step recomputes the whole sequence.
-
-    logits_fn(model, ids) -> (vocab,) gives the next-token logits; steering passes a hooked forward.
-    """
+def greedy_continuation(model: nn.Module, ids: Sequence[int], n_tokens: int) -> list[int]:
+    """n_tokens greedy (argmax) token ids after ids; every step recomputes the whole sequence."""
     check_length(model, len(ids), n_tokens)
     ids, new = list(ids), []
     for _ in range(n_tokens):
-        new.append(int(logits_fn(model, ids + new).argmax()))
+        new.append(int(next_token_logits(model, ids + new).argmax()))
     return new
 
 

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lllm.errors import ArgumentError, LLLMError, ReplayError, UnsupportedModelError
+from lllm.errors import ArgumentError, LLLMError, PromptError, ReplayError, UnsupportedModelError
 from lllm.analyses.generation import check_length, next_token_logits
 from lllm.kernel.jacobian import embed, relative_error, self_check, text_config, tokenize
 from lllm.kernel.parts import decoder_parts
@@ -180,15 +180,20 @@ def _check_lam(lam: float) -> float:
 @contextmanager
 def _mixed_layer(operator: SteeringOperator, steer_rows: torch.Tensor, lam: float | torch.Tensor) -> Iterator[None]:
     """Inside: decoder layer L's output has its last W rows replaced by λ·f_L + (1 − λ)·steer_rows (W, d), or for a
-    batch by λ_b·f_L + (1 − λ_b)·steer_rows[b] with lam (B,) and steer_rows (B, W, d)."""
+    batch by λ_b·f_L + (1 − λ_b)·steer_rows[b] with lam (B,) in float64 and steer_rows (B, W, d)."""
     width = steer_rows.shape[-2]
-    if isinstance(lam, torch.Tensor):
-        lam = lam.to(steer_rows.dtype)[:, None, None]  # (B, 1, 1)
 
     def hook(module: nn.Module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output  # (B, T, d)
         mixed = hidden.clone()
-        mixed[:, -width:] = lam * hidden[:, -width:] + (1.0 - lam) * steer_rows
+        if isinstance(lam, torch.Tensor):  # the arithmetic of a Python float λ, row by row: each product in the
+            # precision PyTorch computes a scalar product in (float32 below float64), rounded to the model's dtype
+            wide = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+            keep, mix = (factor.to(wide)[:, None, None] for factor in (lam, 1.0 - lam))  # (B, 1, 1)
+            mixed[:, -width:] = ((keep * hidden[:, -width:].to(wide)).to(hidden.dtype)
+                                 + (mix * steer_rows.to(wide)).to(hidden.dtype))
+        else:
+            mixed[:, -width:] = lam * hidden[:, -width:] + (1.0 - lam) * steer_rows
         return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
 
     handle = operator.model.get_decoder().layers[operator.layer].register_forward_hook(hook)
@@ -225,16 +230,19 @@ def steered_continuations(operator: SteeringOperator, ids: Sequence[int], lams: 
     the same length at every step, so one batched forward serves them all. Greedy decoding on a CPU is bound by
     reading the weights, once per forward: a batch of seven costs about what one continuation did."""
     model, ids = operator.model, list(ids)
+    if not ids:
+        raise PromptError("steering needs at least one prompt token to continue")
     check_length(model, len(ids), n_tokens)  # before any work
-    steered = [lam is not None for lam in lams]
-    lam = torch.tensor([1.0 if lam is None else _check_lam(lam) for lam in lams])
+    embed(model, ids)  # refuses ids outside the vocabulary with a PromptError
+    steered = torch.tensor([lam is not None for lam in lams], device=model.device)[:, None, None]  # (B, 1, 1)
+    lam = torch.tensor([1.0 if lam is None else _check_lam(lam) for lam in lams], dtype=torch.float64)
     sequences = [list(ids) for _ in lams]
     for _ in range(n_tokens):
         batch = torch.tensor(sequences, device=model.device)  # (B, T): every row as long as the others
         with torch.no_grad():
             x = model.get_input_embeddings()(batch)  # (B, T, d), as `embed` gives each row
-            # unsteered rows mix with λ = 1 and zero rows: 1·f_L + 0·0, f_L itself bit for bit
-            steer_rows = operator.apply_rows(x) * torch.tensor(steered, dtype=x.dtype, device=x.device)[:, None, None]
+            # an unsteered row mixes with λ = 1 and zero rows: 1·f_L + 0·0, f_L itself bit for bit
+            steer_rows = torch.where(steered, operator.apply_rows(x), 0.0)
             with _mixed_layer(operator, steer_rows, lam.to(x.device)):
                 logits = model(input_ids=batch, use_cache=False, logits_to_keep=1).logits[:, -1]  # (B, vocab)
         for sequence, token in zip(sequences, logits.argmax(dim=-1).tolist()):

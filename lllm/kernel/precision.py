@@ -27,7 +27,8 @@ class Float32Products(TorchDispatchMode):
     CPU runs in float32 and its result is rounded to float16.
 
     `parameters` (a model's) are widened once, on first use, and kept for the mode's lifetime: products read them
-    as fresh views (W.t()) at every call, and widening a weight each time was a quarter of the time.
+    as fresh views (W.t()) at every call, and widening a weight each time was a quarter of the time. The copies
+    are not refreshed: the parameters must not change while the mode is active (lllm never writes them).
     """
 
     def __init__(self, parameters=()):

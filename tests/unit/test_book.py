@@ -185,7 +185,7 @@ def test_kernels_run_offline_where_the_hub_cannot_be_reached(monkeypatch):
 
 
 def test_runs_sharing_a_models_analysis_run_one_at_a_time_its_computer_first(tmp_path):
-    from lllm.apps.book.execute import _next_run
+    from lllm.apps.book.execute import next_run
 
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
@@ -196,18 +196,18 @@ def test_runs_sharing_a_models_analysis_run_one_at_a_time_its_computer_first(tmp
     by = {(run.notebook.chapter, run.model): run for run in runs}
     pending, done = list(runs), set()
     # the analyses' first readers (who compute them) first, one per model, then what shares nothing
-    assert _next_run(pending, [], done) is by["recon", "a"]
-    assert _next_run(pending, [by["recon", "a"]], done) is by["recon", "b"]
-    assert _next_run(pending, [by["recon", "a"], by["recon", "b"]], done) is by["gen", "a"]
+    assert next_run(pending, [], done) is by["recon", "a"]
+    assert next_run(pending, [by["recon", "a"]], done) is by["recon", "b"]
+    assert next_run(pending, [by["recon", "a"], by["recon", "b"]], done) is by["gen", "a"]
     # while model a's analysis is computed, its other reader waits: model b's does not
     pending = [by["spectra", "a"], by["spectra", "b"]]
-    assert _next_run(pending, [by["recon", "a"]], {("b", "analysis")}) is by["spectra", "b"]
-    assert _next_run(pending[:1], [by["recon", "a"]], set()) is None
-    assert _next_run(pending[:1], [], {("a", "analysis")}) is by["spectra", "a"]
+    assert next_run(pending, [by["recon", "a"]], {("b", "analysis")}) is by["spectra", "b"]
+    assert next_run(pending[:1], [by["recon", "a"]], set()) is None
+    assert next_run(pending[:1], [], {("a", "analysis")}) is by["spectra", "a"]
     # the larger model's first: its runs are the longest
     sized = plan(discover(notebooks), ["smollm2-135m", "qwen2.5-coder-0.5b"], PROMPT, "float32", False,
                  tmp_path / "book", FINGERPRINT)
-    first = _next_run(sized, [], set())
+    first = next_run(sized, [], set())
     assert (first.notebook.chapter, first.model) == ("recon", "qwen2.5-coder-0.5b")
     write_notebook(notebooks / "bad.ipynb", {"chapter": "bad", "title": "B", "order": 9, "scope": "per_model",
                                              "shares": "analysis"})

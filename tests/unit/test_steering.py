@@ -190,3 +190,18 @@ def test_table4_continuations_start_with_the_first_generated_token_after_a_bos()
     assert table.loc[(prompt, "normal"), "continuation"] == "".join(f" w{i}" for i in sweep[0].normal_ids)
     for r in sweep:
         assert table.loc[(prompt, f"{r.lam:g}"), "continuation"] == "".join(f" w{i}" for i in r.steered_ids)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batched_continuations_are_the_step_by_step_steered_logits(dtype):
+    model = tiny_model("llama", dtype)
+    operator, prompt = concept_operator(model, TOKENIZER, CONCEPT), [1, 7, 9, 30]
+    for lam in (0.3, 0.0):  # 0.3 is not a float32 number: the batched mix must use λ as a Python float does
+        sequence = list(prompt)
+        for _ in range(5):
+            sequence.append(int(steered_logits(operator, sequence, lam).argmax()))
+        assert steered_continuation(operator, prompt, lam, 5) == sequence[len(prompt):]
+    with pytest.raises(PromptError, match="outside the vocabulary"):
+        steered_continuation(operator, [1, 10**6], 0.5, 2)
+    with pytest.raises(PromptError, match="at least one"):
+        steered_continuation(operator, [], 0.5, 2)

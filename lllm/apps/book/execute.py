@@ -233,7 +233,8 @@ def execute_all(runs: Sequence[Run], *, jobs: int = 1, force: bool = False, prog
             report.skipped.append(run)
         else:
             todo.append(run)
-    # Per-model runs first, interleaved by model; the all-models runs read their results.
+    # Per-model runs first, the all-models runs (which read their results) after them. Within a stage `next_run`
+    # picks the order; this list, interleaved by model, only breaks its ties.
     by_model: dict[str, list[Run]] = {}
     for run in todo:
         if run.model is not None:
@@ -263,7 +264,7 @@ def _groups(run: Run) -> set[tuple[str | None, str]]:
     return {(run.model, name) for name in run.notebook.shares}
 
 
-def _next_run(pending: list[Run], running: Sequence[Run], done: set) -> Run | None:
+def next_run(pending: list[Run], running: Sequence[Run], done: set) -> Run | None:
     """The run to start next, or None while every pending one waits for a running one.
 
     Runs that share a cached computation of one model (the per-prompt analysis) run one at a time: the first
@@ -290,29 +291,32 @@ def _weights_size(model: str | None) -> int:
 
 def _execute_stage(runs: Sequence[Run], jobs: int, bar) -> Iterator[tuple[Run, tuple[Failure | None, RunCost]]]:
     """(run, (failure or None, cost)) for each run, executed in this process or in a pool of `jobs` processes, in
-    the order `_next_run` picks."""
+    the order `next_run` picks."""
     pending, done = list(runs), set()
     if jobs <= 1 or len(runs) <= 1:
         while pending:
-            run = _next_run(pending, [], done)
+            run = next_run(pending, [], done)
             pending.remove(run)
             bar.set_postfix_str(run.label, refresh=True)
-            yield run, execute_measured(run)
-            done |= _groups(run)
+            failure, cost = execute_measured(run)
+            yield run, (failure, cost)
+            if failure is None:  # a failed computer leaves its result to the next reader
+                done |= _groups(run)
             bar.update()
         return
     # processes, not threads: papermill chdirs into the notebook's directory, which is process-wide
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         running: dict = {}
         while pending or running:
-            while len(running) < jobs and (run := _next_run(pending, list(running.values()), done)) is not None:
+            while len(running) < jobs and (run := next_run(pending, list(running.values()), done)) is not None:
                 pending.remove(run)
                 running[pool.submit(execute_measured, run)] = run
             bar.set_postfix_str(f"{len(running)} running, {len(pending)} queued on {jobs} processes", refresh=True)
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                run = running.pop(future)
-                done |= _groups(run)
+                run, (failure, cost) = running.pop(future), future.result()
+                if failure is None:  # a failed computer leaves its result to the next reader
+                    done |= _groups(run)
                 bar.set_postfix_str(f"done {run.label}", refresh=True)
-                yield run, future.result()
+                yield run, (failure, cost)
                 bar.update()
