@@ -59,4 +59,4 @@ def test_float16_panel_of_fig3_reconstructs_to_float16_precision_or_says_why_not
     assert 1e-4 < result.relative_error < 1e-2  # float16's precision: the paper reports about 1e-3
     assert lllm.relative_error(result.output, ordinary) > 0.1  # the ordinary J does not reconstruct y
     failed = plots.float16_jacobian("gemma3-270m", PROMPT, torch.device("cpu"))
-    assert isinstance(failed, str) and "NumericalRangeError" in failed and "overflow" in failed
+    assert isinstance(failed, str) and "overflow float16" in failed
