@@ -369,16 +369,14 @@ def decode_svds(
     product reads the whole (V, d) matrix (671 MB for Gemma 3), which costs more than the vectors themselves."""
     if not decompositions:
         return []
-    for decomposition in decompositions:
-        check_type(decomposition, SVD, "decomposition", "pass one SVD, e.g. lllm.token_svds(result)[-1]")
     check_int(k_vectors, "k_vectors")
-    for decomposition in decompositions:
-        if not 1 <= k_vectors <= decomposition.k:
-            raise ArgumentError(f"k_vectors must be between 1 and the SVD's {decomposition.k} triplets, got "
-                                f"{k_vectors}")
     d = model.get_input_embeddings().embedding_dim
     rights = []
     for decomposition in decompositions:
+        check_type(decomposition, SVD, "decomposition", "pass one SVD, e.g. lllm.token_svds(result)[-1]")
+        if not 1 <= k_vectors <= decomposition.k:
+            raise ArgumentError(f"k_vectors must be between 1 and the SVD's {decomposition.k} triplets, got "
+                                f"{k_vectors}")
         width = decomposition.Vh.shape[1]
         if width % d:
             raise LLLMError(f"right singular vectors of width {width} are not one or more input embeddings of size "

@@ -178,22 +178,21 @@ def _check_lam(lam: float) -> float:
 
 
 @contextmanager
-def _mixed_layer(operator: SteeringOperator, steer_rows: torch.Tensor, lam: float | torch.Tensor) -> Iterator[None]:
-    """Inside: decoder layer L's output has its last W rows replaced by λ·f_L + (1 − λ)·steer_rows (W, d), or for a
-    batch by λ_b·f_L + (1 − λ_b)·steer_rows[b] with lam (B,) in float64 and steer_rows (B, W, d)."""
+def _mixed_layer(operator: SteeringOperator, steer_rows: torch.Tensor, lams: Sequence[float]) -> Iterator[None]:
+    """Inside: decoder layer L's output (B, T, d) has the last W rows of each batch row b replaced by
+    λ_b·f_L + (1 − λ_b)·steer_rows[b], for steer_rows (B, W, d) and one λ per batch row."""
     width = steer_rows.shape[-2]
+    lam = torch.tensor(lams, dtype=torch.float64, device=steer_rows.device)  # (B,)
 
     def hook(module: nn.Module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output  # (B, T, d)
         mixed = hidden.clone()
-        if isinstance(lam, torch.Tensor):  # the arithmetic of a Python float λ, row by row: each product in the
-            # precision PyTorch computes a scalar product in (float32 below float64), rounded to the model's dtype
-            wide = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-            keep, mix = (factor.to(wide)[:, None, None] for factor in (lam, 1.0 - lam))  # (B, 1, 1)
-            mixed[:, -width:] = ((keep * hidden[:, -width:].to(wide)).to(hidden.dtype)
-                                 + (mix * steer_rows.to(wide)).to(hidden.dtype))
-        else:
-            mixed[:, -width:] = lam * hidden[:, -width:] + (1.0 - lam) * steer_rows
+        # λ's arithmetic as for a Python float: each product in the precision PyTorch computes a scalar product in
+        # (float32 below float64), rounded to the model's dtype, then the sum in that dtype
+        wide = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        keep, mix = (factor.to(wide)[:, None, None] for factor in (lam, 1.0 - lam))  # (B, 1, 1)
+        mixed[:, -width:] = ((keep * hidden[:, -width:].to(wide)).to(hidden.dtype)
+                             + (mix * steer_rows.to(wide)).to(hidden.dtype))
         return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
 
     handle = operator.model.get_decoder().layers[operator.layer].register_forward_hook(hook)
@@ -207,7 +206,7 @@ def steered_activation(operator: SteeringOperator, ids: Sequence[int], lam: floa
     """Eq. 16's layer-L activation for ids: (T, d), as the remaining layers receive it."""
     lam = _check_lam(lam)
     x = embed(operator.model, ids)
-    with _mixed_layer(operator, operator.apply(x), lam), torch.no_grad():
+    with _mixed_layer(operator, operator.apply(x)[None], [lam]), torch.no_grad():
         return _layer_output(operator.model, operator.layer, x[None])[0]
 
 
@@ -215,7 +214,7 @@ def steered_logits(operator: SteeringOperator, ids: Sequence[int], lam: float) -
     """Next-token logits (vocab,) after ids with eq. 16 applied at layer L."""
     lam = _check_lam(lam)
     steer_rows = operator.apply(embed(operator.model, ids))  # before the forward: the replay is a forward too
-    with _mixed_layer(operator, steer_rows, lam):
+    with _mixed_layer(operator, steer_rows[None], [lam]):
         return next_token_logits(operator.model, ids)
 
 
@@ -235,7 +234,7 @@ def steered_continuations(operator: SteeringOperator, ids: Sequence[int], lams: 
     check_length(model, len(ids), n_tokens)  # before any work
     embed(model, ids)  # refuses ids outside the vocabulary with a PromptError
     steered = torch.tensor([lam is not None for lam in lams], device=model.device)[:, None, None]  # (B, 1, 1)
-    lam = torch.tensor([1.0 if lam is None else _check_lam(lam) for lam in lams], dtype=torch.float64)
+    weights = [1.0 if lam is None else _check_lam(lam) for lam in lams]
     sequences = [list(ids) for _ in lams]
     for _ in range(n_tokens):
         batch = torch.tensor(sequences, device=model.device)  # (B, T): every row as long as the others
@@ -243,7 +242,7 @@ def steered_continuations(operator: SteeringOperator, ids: Sequence[int], lams: 
             x = model.get_input_embeddings()(batch)  # (B, T, d), as `embed` gives each row
             # an unsteered row mixes with λ = 1 and zero rows: 1·f_L + 0·0, f_L itself bit for bit
             steer_rows = torch.where(steered, operator.apply_rows(x), 0.0)
-            with _mixed_layer(operator, steer_rows, lam.to(x.device)):
+            with _mixed_layer(operator, steer_rows, weights):
                 logits = model(input_ids=batch, use_cache=False, logits_to_keep=1).logits[:, -1]  # (B, vocab)
         for sequence, token in zip(sequences, logits.argmax(dim=-1).tolist()):
             sequence.append(int(token))
