@@ -27,7 +27,7 @@ from lllm.kernel.jacobian import (
 )
 from lllm.analyses.generation import top_next_tokens
 from lllm.kernel.layers import (
-    COMPONENTS, METHODS, LayerJacobians, cumulative_jacobians, final_from_cumulative, layerwise_jacobians,
+    COMPONENTS, METHODS, LayerJacobians, cumulative_jacobians, final_from_cumulative, layer_jacobians,
 )
 from lllm.io.codecs import computation_fields, record_to_result, result_to_record
 from lllm.io.store import ResultCache
@@ -101,10 +101,11 @@ def _concatenate(parts: list[dict]) -> dict:
 
 def layer_groups(model: nn.Module, n_tokens: int, layers: Sequence[int], components: Sequence[str],
                  memory_budget: int | None = None) -> list[list[int]]:
-    """`layers` cut into consecutive groups whose Jacobians (one (d, T, d) per layer and component) fit in
-    `memory_budget` bytes (default: a third of the free memory), at least one layer each."""
+    """`layers` cut into consecutive groups whose Jacobians (one (d, T, d) per layer, component and kind: cumulative
+    and layer-wise are computed together) fit in `memory_budget` bytes (default: a third of the free memory), at
+    least one layer each."""
     cfg = text_config(model)
-    per_layer = len(components) * cfg.hidden_size ** 2 * n_tokens * (torch.finfo(model.dtype).bits // 8)
+    per_layer = 2 * len(components) * cfg.hidden_size ** 2 * n_tokens * (torch.finfo(model.dtype).bits // 8)
     budget = available_memory(model.device) // 3 if memory_budget is None else memory_budget
     size = max(1, budget // per_layer)
     return [list(layers[i:i + size]) for i in range(0, len(layers), size)]
@@ -137,12 +138,12 @@ def analyze(
     methods: dict[str, set] = {"cumulative": set(), "layerwise": set()}
     final = None
     for group in reversed(groups):  # the last group first: it holds the final J⁺, whose y orients the vectors
-        for kind, readout in (("cumulative", cumulative_jacobians), ("layerwise", layerwise_jacobians)):
-            clock = time.perf_counter()
-            options = {"method": method} if kind == "cumulative" else {}
-            jacobians = readout(model, tokenizer, token_ids, layers=group, components=components, progress=progress,
-                                **options)
-            timings["layer_jacobians"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        both = layer_jacobians(model, tokenizer, token_ids, layers=group, components=components, method=method,
+                               progress=progress)  # one recorded forward, its composed MLPs shared
+        timings["layer_jacobians"] += time.perf_counter() - clock
+        for kind in ("cumulative", "layerwise"):
+            jacobians = both.pop(kind)
             if final is None:
                 clock = time.perf_counter()
                 final, _ = final_jacobian(model, tokenizer, token_ids, jacobians, progress=progress)

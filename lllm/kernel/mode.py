@@ -32,6 +32,8 @@ class LinearizingMode(OpRules, TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         lin, name = self.lin, op_name(func)
+        if lin.bypass:
+            return func(*args, **kwargs)
         if name in ops.METADATA:  # a shape, dtype or device: no value flows, nothing to tag or key
             result = func(*args, **kwargs)
             return lin.device if isinstance(result, torch.device) and result.type == "meta" else result
@@ -187,6 +189,12 @@ class LinearizingMode(OpRules, TorchFunctionMode):
             for slot, value in values.items():
                 put_slot(args, kwargs, slot, self._narrowed(value, get_slot(args, kwargs, slot).shape))
             return self._tag(func(*args, **kwargs), entry.tag)
+        if name == "linear" and args[0] is lin.identity_input:  # composing an MLP: I·Wᵀ is Wᵀ, bit for bit
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            # (d_in, T, d_out), rows contiguous: what multiplies it next comes out contiguous, a plain GEMM's input
+            out = weight.mT.contiguous()[:, None, :].expand(*args[0].shape[:-1], weight.shape[0])
+            return self._tag(out if bias is None else out + bias, entry.tag or L)
         if entry.tag is not None:  # linear in its live inputs, out of place: run it, tag as recorded
             return self._tag(func(*args, **kwargs), entry.tag)
         return RUN

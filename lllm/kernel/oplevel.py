@@ -79,6 +79,8 @@ class OpLinearization:
     inplace: set = field(default_factory=set)  # keys of in-place writes: always computed (views share storage)
     counts: dict = field(default_factory=dict)  # module path -> live ops recorded there: a replay must match
     batch_safe: bool = True  # False when x-dependent indices select live rows (MoE): no batched replay
+    bypass: bool = False  # ops run untouched (a composed map standing in for a replayed module)
+    identity_input: torch.Tensor | None = None  # e_k at every token (B = d_in, T, d_in): a linear op on it is Wᵀ
 
     def tag(self, t) -> str:
         """The tag of tensor `t` (untracked tensors are constants)."""
@@ -154,6 +156,16 @@ class OpLinearization:
             raise ReplayError(f"the recorded forward cannot be replayed on this batch ({error})") from error
         finally:
             self.replaying, self.start, self.stop = False, 0, None
+
+    @contextmanager
+    def bypassed(self) -> Iterator[None]:
+        """Ops inside run untouched and untagged: for code that stands in for a replayed module (see
+        `lllm.kernel.positionwise`), whose ops are not the recorded ones; it tags its own output."""
+        self.bypass = True
+        try:
+            yield
+        finally:
+            self.bypass = False
 
     @property
     def split(self) -> str:

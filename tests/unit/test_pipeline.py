@@ -101,7 +101,7 @@ def test_a_memory_budget_reduces_layer_groups_to_the_same_numbers(tiny, analysis
     the numbers are those of the one-group run (the default budget holds every layer of a tiny model)."""
     model, tok = tiny
     n_layers, d, T = model.config.num_hidden_layers, model.config.hidden_size, len(analysis.meta["token_ids"])
-    one_layer = 3 * d * d * T * 8  # three components, float64
+    one_layer = 2 * 3 * d * d * T * 8  # two kinds, three components, float64
     assert analysis.meta["layer_groups"] == [list(range(n_layers))]
     grouped = analyze(model, tok, PROMPT, progress=False, memory_budget=one_layer)
     assert grouped.meta["layer_groups"] == [[ell] for ell in range(n_layers)]
