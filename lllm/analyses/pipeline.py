@@ -4,8 +4,8 @@ row), computed by the same functions.
 One call gives every number the figures and tables read for one (model, prompt): the final J⁺
 and its reconstruction (Fig 3), the ordinary Jacobian's reconstruction (Fig 3), per-token SVDs
 with decodings and row/column features (Fig 4, 5), cumulative and layer-wise Jacobians of every
-layer/attention/MLP output with their spectra, stable ranks, decoded top singular vectors and
-projections (Fig 6, Tables 1–3). Results go through the content-addressed cache (`lllm.io.store`),
+layer/attention/MLP output with their stable ranks, and the layer output's spectra, decoded top singular
+vectors and projections (Fig 6, Tables 1–3). Results go through the content-addressed cache (`lllm.io.store`),
 so notebooks and the book driver recompute nothing that is unchanged.
 """
 
@@ -36,8 +36,9 @@ from lllm.validation import check_choice, check_components, check_layers
 ANALYSIS_KIND = "analysis"
 # Part of the cache key: bumped when what an analysis holds changes (2: next tokens from the model's own logits;
 # 3: stable ranks from ‖J‖²_F and σ_max, stored in meta; 4: each layer's right singular vectors decoded in
-# layer_decodings, the "Input" of Tables 1–3).
-ANALYSIS_FORMAT = 4
+# layer_decodings, the "Input" of Tables 1–3; 5: spectra and vectors of the cumulative layer output only, stable
+# ranks from a Rayleigh quotient).
+ANALYSIS_FORMAT = 5
 
 
 @dataclass
@@ -47,9 +48,9 @@ class PromptAnalysis:
     final: JacobianResult  # J⁺ (d, T, d) of the output embedding, with x, y, c
     ordinary_reconstruction: torch.Tensor  # (d,): Σᵢ Jᵢxᵢ of the ordinary Jacobian (one JVP)
     token_spectra: torch.Tensor  # (T, d): singular values of every J⁺ᵢ
-    layer_spectra: dict[str, torch.Tensor]  # component -> (L, d): spectra of cumulative [J⁺ℓ,₀ … J⁺ℓ,T]
-    layer_top_u: dict[str, torch.Tensor]  # component -> (L, d, k): top-k left singular vectors (oriented by y)
-    layerwise_spectra: dict[str, torch.Tensor]  # component -> (L, d): spectra of layer-wise combined matrices
+    # "layer" -> (L, d): spectra of the cumulative [J⁺ℓ,₀ … J⁺ℓ,T] of the layer output (the one Fig 6A draws)
+    layer_spectra: dict[str, torch.Tensor]
+    layer_top_u: dict[str, torch.Tensor]  # "layer" -> (L, d, k): its top-k left singular vectors (oriented by y)
     meta: dict = field(default_factory=dict)  # tokens, next tokens, decodings, errors, stable ranks, timings
 
     @property
@@ -67,24 +68,26 @@ class PromptAnalysis:
 
 
 def _reduce(jacobians: LayerJacobians, components, k: int, reference: torch.Tensor | None) -> dict:
-    """What the figures read of a group of layer Jacobians, per component: the spectra (L, d), the stable ranks and
-    the reconstruction errors; with a reference (cumulative maps, oriented by y) the top-k left singular vectors
-    (L, d, k) too, and for the layer output the top-k right singular vectors (L, k, T·d)."""
+    """What the figures read of a group of layer Jacobians: every component's stable ranks (Fig 6C/D) and
+    reconstruction errors; with a reference (cumulative maps, oriented by y) the layer output's spectra (L, d)
+    (Fig 6A), top-k left singular vectors (L, d, k) (Fig 6B, Tables 1–3) and top-k right ones (L, k, T·d). No
+    figure draws another spectrum, so none is computed."""
     out: dict[str, dict] = {"spectra": {}, "top_u": {}, "top_v": {}, "stable_ranks": {}, "errors": {}}
     for comp in components:
-        # one Gram matrix per layer (d, d) gives its spectrum, its top vectors and its stable rank
-        summaries = [dec.wide_summary(jacobians.combined(comp, ell), None if reference is None else k,
-                                      reference=reference) for ell in jacobians.layers]
-        out["spectra"][comp] = torch.stack([S for S, _, _ in summaries])
-        if reference is not None:
-            out["top_u"][comp] = torch.stack([U for _, U, _ in summaries])
-        if reference is not None and comp == "layer":  # Tables 1–3 decode the right vectors too: vⱼ = Aᵀuⱼ/σⱼ
-            # σⱼ = 0 (a map of rank below k) has no right vector: it stays zero rather than 0/0
-            out["top_v"][comp] = torch.stack([(U.mT @ jacobians.combined(comp, ell))
-                                              / S[:U.shape[1], None].clamp_min(torch.finfo(S.dtype).tiny)
-                                              for ell, (S, U, _) in zip(jacobians.layers, summaries)])  # (L, k, T·d)
-        out["stable_ranks"][comp] = [rank for _, _, rank in summaries]  # = layer_stable_ranks, bit for bit
+        jac = jacobians.jacobian[comp]  # (L, d_out, T, d_in)
+        out["stable_ranks"][comp] = dec.stable_ranks_wide(jac.reshape(*jac.shape[:2], -1))  # = layer_stable_ranks
         out["errors"][comp] = jacobians.relative_errors(comp)
+        if reference is None or comp != "layer":
+            continue
+        summaries = [dec.left_spectrum(jacobians.combined(comp, ell), k, reference=reference)
+                     for ell in jacobians.layers]
+        out["spectra"][comp] = torch.stack([S for S, _ in summaries])
+        out["top_u"][comp] = torch.stack([U for _, U in summaries])
+        # Tables 1–3 decode the right vectors too: vⱼ = Aᵀuⱼ/σⱼ; σⱼ = 0 (a map of rank below k) has no right
+        # vector: it stays zero rather than 0/0
+        out["top_v"][comp] = torch.stack([(U.mT @ jacobians.combined(comp, ell))
+                                          / S[:U.shape[1], None].clamp_min(torch.finfo(S.dtype).tiny)
+                                          for ell, (S, U) in zip(jacobians.layers, summaries)])  # (L, k, T·d)
     return out
 
 
@@ -156,7 +159,6 @@ def analyze(
             del jacobians  # before the next group: only the reductions are kept
     reduced = {kind: _concatenate(found) for kind, found in parts.items()}
     layer_spectra, layer_top_u = reduced["cumulative"]["spectra"], reduced["cumulative"]["top_u"]
-    layerwise_spectra = reduced["layerwise"]["spectra"]
 
     clock = time.perf_counter()
     x = embed(model, token_ids)
@@ -185,7 +187,8 @@ def analyze(
         "row_col_features": _features(final.block(last), model, tokenizer, k_tokens),
         "layer_errors": {f"{kind}.{c}": reduced[kind]["errors"][c] for kind in reduced for c in components},
         "layer_decodings": _layer_decodings(layer_top_u["layer"], layer_spectra["layer"], model, tokenizer,
-                                            k_tokens, reduced["cumulative"]["top_v"].get("layer"), len(token_ids)),
+                                            k_tokens, reduced["cumulative"]["top_v"].get("layer"), len(token_ids))
+        if "layer" in layer_top_u else [],
         "methods": {kind: "+".join(sorted(used)) for kind, used in methods.items()},
         "layer_groups": [list(group) for group in groups],
         "timings": timings,
@@ -193,7 +196,7 @@ def analyze(
     timings["decodings"] = time.perf_counter() - clock
     return PromptAnalysis(
         final=final, ordinary_reconstruction=ordinary, token_spectra=torch.stack([s.S for s in svds]),
-        layer_spectra=layer_spectra, layer_top_u=layer_top_u, layerwise_spectra=layerwise_spectra, meta=meta,
+        layer_spectra=layer_spectra, layer_top_u=layer_top_u, meta=meta,
     )
 
 
@@ -332,18 +335,18 @@ def analysis_to_record(analysis: PromptAnalysis, model: nn.Module, options: dict
     for comp in analysis.layer_spectra:
         tensors[f"layer_spectra.{comp}"] = analysis.layer_spectra[comp]
         tensors[f"layer_top_u.{comp}"] = analysis.layer_top_u[comp]
-        tensors[f"layerwise_spectra.{comp}"] = analysis.layerwise_spectra[comp]
     return tensors, {**meta, "analysis": analysis.meta}
 
 
 def record_to_analysis(tensors: dict, meta: dict) -> PromptAnalysis:
     """The PromptAnalysis that analysis_to_record stored."""
     info = meta["analysis"]
-    pick = lambda prefix: {c: tensors[f"{prefix}.{c}"] for c in info["components"]}  # noqa: E731
+    pick = lambda prefix: {c: tensors[f"{prefix}.{c}"] for c in info["components"]  # noqa: E731
+                           if f"{prefix}.{c}" in tensors}
     return PromptAnalysis(
         final=record_to_result(tensors, meta), ordinary_reconstruction=tensors["ordinary_reconstruction"],
         token_spectra=tensors["token_spectra"], layer_spectra=pick("layer_spectra"),
-        layer_top_u=pick("layer_top_u"), layerwise_spectra=pick("layerwise_spectra"), meta=info,
+        layer_top_u=pick("layer_top_u"), meta=info,
     )
 
 
