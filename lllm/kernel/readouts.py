@@ -178,8 +178,9 @@ def replayed_jacobians(model: nn.Module, tokenizer, r: ReadoutRequest, kinds: Se
         with without_biases(model), composed(lin, maps) as stand_in:
             for kind in kinds:
                 clock = time.perf_counter()
+                every_column = kind == "layerwise" or r.position == n_tokens - 1  # what the engine writes
                 stacked, jac = allocate(r.layers, r.components, (cumulative[r.keys[0]].shape[-1], n_tokens, d_in),
-                                        r.x0.dtype, r.x0.device)
+                                        r.x0.dtype, r.x0.device, zeroed=not every_column)
                 if kind == "cumulative":
                     cut = Readouts(parts, r.layers, r.components, -1, through_norm)
                     with torch.no_grad():
@@ -224,8 +225,9 @@ def forward_sweep(lin: OpLinearization, cut: Readouts, r: ReadoutRequest, jac: d
     for i, ks, basis in tqdm(chunks, desc="cumulative J⁺ (forward)", disable=not r.progress, leave=False):
         with lin.replay(i, r.position + 1):
             columns = cut(basis)
+        block = slice(int(ks[0]), int(ks[-1]) + 1)  # ks is a range of features
         for k in r.keys:
-            jac[k][:, i, ks] = columns[k].T  # (B, d) columns J⁺e_(i,k)
+            jac[k][:, i, block] = columns[k].T  # (B, d) columns J⁺e_(i,k)
 
 
 def _replayed_vjps(lin: OpLinearization, parts: DecoderParts, trace: LayerTrace, r: ReadoutRequest, jac: dict,
@@ -363,12 +365,11 @@ def mlp_modules(parts: DecoderParts, depth: int) -> list[nn.Module]:
     return [component_module(parts, parts.layers[ell], "mlp") for ell in range(depth)]
 
 
-def allocate(layers, components, shape, dtype, device) -> tuple[dict, dict]:
-    """Zeroed Jacobians {component: (L, *shape)} and their views {(ℓ, component): shape} to fill in place.
-
-    Zeroed, because a forward sweep never writes the columns of tokens after the read position.
-    """
-    stacked = {c: torch.zeros(len(layers), *shape, dtype=dtype, device=device) for c in components}
+def allocate(layers, components, shape, dtype, device, zeroed: bool = True) -> tuple[dict, dict]:
+    """Jacobians {component: (L, *shape)} and their views {(ℓ, component): shape} to fill in place; zeroed unless
+    the caller writes every entry (a forward sweep never writes the columns of tokens after the read position)."""
+    new = torch.zeros if zeroed else torch.empty
+    stacked = {c: new(len(layers), *shape, dtype=dtype, device=device) for c in components}
     return stacked, {(ell, c): stacked[c][n] for n, ell in enumerate(layers) for c in components}
 
 
