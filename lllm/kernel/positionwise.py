@@ -1,4 +1,4 @@
-"""Replayed MLPs composed into one matrix per token, for the forward sweep.
+"""Replayed MLPs composed into one matrix per token, for the layer readouts' forward sweep and VJPs.
 
 With its frozen factors replayed, a decoder's MLP maps each token's hidden state on its own, out_t = M_t h_t, with
 M_t (d_out, d_in) = W_down · diag(frozen activation_t) · W_up for a gated MLP. A forward sweep pushes (t+1)·d tangents
@@ -8,7 +8,9 @@ per token (the replayed MLP applied to the identity at every token), after which
 
     per layer, T tokens:  Σₜ (t+1)·d · cost(MLP)   →   T·d · cost(MLP) + Σₜ (t+1)·d · d_out·d_in
 
-SmolLM2 at T = 7 (d = 576, intermediate 1536): about 57 → 25 GFLOP per layer.
+SmolLM2 at T = 7 (d = 576, intermediate 1536): about 57 → 25 GFLOP per layer. The layer-wise VJPs of an output
+read at one token need that token's map alone, where a probe shows the layer reads no other token's MLP output
+(`only_own_token_read`).
 
 No module names or architecture is assumed beyond "the module `lllm.kernel.parts` names the MLP": a map is composed
 from the replayed module itself, and it replaces the module only after a random probe through both agrees to float

@@ -1,0 +1,79 @@
+"""Replayed MLPs composed into one matrix per token (lllm.kernel.positionwise): engaged where they pay, refused where
+a probe shows the module or its layer mixes tokens, and the Jacobians unchanged either way."""
+
+import pytest
+import torch
+
+from lllm.kernel.layers import COMPONENTS, cumulative_jacobians, layer_jacobians, layerwise_jacobians
+from lllm.kernel.positionwise import worth_composing
+from tiny import IdsTokenizer, tiny_model
+
+PROMPT = "1 5 9 17 33 41 60"
+TOK = IdsTokenizer()
+
+
+def _shifted(t: torch.Tensor) -> torch.Tensor:
+    """Each token's vector moved to the next token (causal), the first token's slot zero: a token-mixing map."""
+    return torch.cat([torch.zeros_like(t[:, :1]), t[:, :-1]], dim=1)
+
+
+def _model(family: str = "llama"):
+    """Deep enough (4 layers) that method="auto" takes the forward sweep for the cumulative maps, so that
+    layer_jacobians computes both readouts from one record."""
+    extra = {"layer_types": ["sliding_attention", "full_attention"] * 2} if family == "gemma3" else {}
+    return tiny_model(family, torch.float64, num_hidden_layers=4, **extra)
+
+
+def _against_reverse(model):
+    """Both readouts from one record, against plain reverse mode through the linearized forward (cumulative)
+    and the layer-wise basis sweep, fp64."""
+    both = layer_jacobians(model, TOK, PROMPT, progress=False)
+    assert (both["cumulative"].method, both["layerwise"].method) == ("forward", "reverse")
+    cumulative = cumulative_jacobians(model, TOK, PROMPT, method="reverse", progress=False)
+    layerwise = layerwise_jacobians(model, TOK, PROMPT, method="forward", progress=False)
+    for comp in COMPONENTS:
+        torch.testing.assert_close(both["cumulative"].jacobian[comp], cumulative.jacobian[comp], rtol=0, atol=1e-10)
+        torch.testing.assert_close(both["layerwise"].jacobian[comp], layerwise.jacobian[comp], rtol=0, atol=1e-10)
+    return both
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2", "phi3", "olmo2"])
+def test_composed_mlps_give_the_jacobians_of_the_recorded_ops(family):
+    model = _model(family)
+    both = _against_reverse(model)
+    assert both["cumulative"].meta["composed_mlps"] == model.config.num_hidden_layers  # every MLP composed
+
+
+def test_an_mlp_that_mixes_tokens_is_not_composed():
+    """A module named as the MLP that adds the previous token's input fails the probe and runs as recorded."""
+    model = _model()
+    mlp = model.model.layers[0].mlp
+    handle = mlp.register_forward_hook(lambda module, args, out: out + 0.5 * _shifted(args[0]))
+    try:
+        both = _against_reverse(model)
+    finally:
+        handle.remove()
+    assert both["cumulative"].meta["composed_mlps"] == model.config.num_hidden_layers - 1
+
+
+def test_a_layer_that_reads_other_tokens_mlp_outputs_keeps_their_gradients():
+    """Where a layer mixes its MLP's outputs across tokens after the MLP, the layer-wise VJPs must run through
+    every token's map (the probe finds it): the Jacobians still equal the basis sweep's."""
+    model = _model()
+    layer, captured = model.model.layers[1], {}
+    handles = [layer.mlp.register_forward_hook(lambda module, args, out: captured.__setitem__("mlp", out)),
+               layer.register_forward_hook(lambda module, args, out: (out[0] if isinstance(out, tuple) else out)
+                                           + 0.5 * _shifted(captured["mlp"]))]
+    try:
+        _against_reverse(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_composing_is_skipped_where_it_would_not_pay():
+    cpu = torch.device("cpu")
+    assert worth_composing(7, 7, 30, 576, 576, torch.float32, cpu)
+    assert not worth_composing(7, 2, 30, 576, 576, torch.float32, cpu)  # few tangents reach each token
+    assert not worth_composing(7, 7, 30, 576, 576, torch.float16, cpu)  # half precision keeps the recorded ops
+    assert not worth_composing(10**6, 10**6, 30, 576, 576, torch.float32, cpu)  # the maps would not fit
