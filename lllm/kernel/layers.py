@@ -24,6 +24,7 @@ replayed network applied to a zero input, computed independently of y.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TypedDict, Unpack
 
 import torch
@@ -124,9 +125,10 @@ def layerwise_jacobians(model: nn.Module, tokenizer, prompt_or_ids,
 def layer_jacobians(model: nn.Module, tokenizer, prompt_or_ids, *, through_norm: bool = True,
                     **options: Unpack[ReadoutOptions]) -> dict[str, LayerJacobians]:
     """Both readouts of one prompt, {"cumulative": …, "layerwise": …}: the numbers of `cumulative_jacobians` and
-    `layerwise_jacobians`, from one recorded forward where both replay it (its composed MLPs serve both)."""
+    `layerwise_jacobians`, from one recorded forward where both replay it (its composed MLPs serve both). `method`
+    applies to the cumulative maps; the layer-wise ones take "auto"."""
     r = _request(model, tokenizer, prompt_or_ids, kinds=2, **options)
-    if _cumulative_method(r) == "forward" and _layerwise_method(r) == "reverse":
+    if _cumulative_method(r) == "forward" and _layerwise_method(replace(r, method="auto")) == "reverse":
         try:
             with refusing_raw_errors(model):
                 both = replayed_jacobians(model, tokenizer, r, ("cumulative", "layerwise"), through_norm)
@@ -135,7 +137,7 @@ def layer_jacobians(model: nn.Module, tokenizer, prompt_or_ids, *, through_norm:
         except ReplayError:
             pass  # each kind then takes its own way back (reverse mode through the linearized forward)
     return {"cumulative": cumulative_jacobians(model, tokenizer, r.token_ids, through_norm=through_norm, **options),
-            "layerwise": layerwise_jacobians(model, tokenizer, r.token_ids, **options)}
+            "layerwise": layerwise_jacobians(model, tokenizer, r.token_ids, **{**options, "method": "auto"})}
 
 
 def _cumulative_method(r: ReadoutRequest) -> str:

@@ -189,7 +189,7 @@ class LinearizingMode(OpRules, TorchFunctionMode):
             for slot, value in values.items():
                 put_slot(args, kwargs, slot, self._narrowed(value, get_slot(args, kwargs, slot).shape))
             return self._tag(func(*args, **kwargs), entry.tag)
-        if name == "linear" and args[0] is lin.identity_input:  # composing an MLP: I·Wᵀ is Wᵀ, bit for bit
+        if name == "linear" and lin.identity_input is not None and args and args[0] is lin.identity_input:  # composing an MLP: I·Wᵀ is Wᵀ, bit for bit
             weight = args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             # (d_in, T, d_out), rows contiguous: what multiplies it next comes out contiguous, a plain GEMM's input

@@ -161,11 +161,11 @@ class OpLinearization:
     def bypassed(self) -> Iterator[None]:
         """Ops inside run untouched and untagged: for code that stands in for a replayed module (see
         `lllm.kernel.positionwise`), whose ops are not the recorded ones; it tags its own output."""
-        self.bypass = True
+        before, self.bypass = self.bypass, True
         try:
             yield
         finally:
-            self.bypass = False
+            self.bypass = before
 
     @property
     def split(self) -> str:

@@ -14,7 +14,8 @@ read at one token need that token's map alone, where a probe shows the layer rea
 
 No module names or architecture is assumed beyond "the module `lllm.kernel.parts` names the MLP": a map is composed
 from the replayed module itself, and it replaces the module only after a random probe through both agrees to float
-precision (a module that mixes tokens, or that the record does not describe, stays as recorded). The layer readouts'
+precision (a module that mixes tokens, that the record does not describe, or that carries the user's hooks stays
+as recorded). The layer readouts'
 reconstruction self-check then covers the whole sweep, as before.
 """
 
@@ -80,25 +81,38 @@ def worth_composing(n_tokens: int, positions_swept: int, n_modules: int, d_in: i
     return sweep >= 2 * n_tokens and size <= available_memory(device) // 8
 
 
+def hooked(module: nn.Module) -> bool:
+    """Whether hooks of the user's run around `module`'s forward: a composed map (which includes their effect)
+    would have them applied a second time to its output. Call before lllm registers its own."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks)
+
+
 def compose(lin: OpLinearization, calls: dict[nn.Module, list[ModuleCall]]) -> dict[nn.Module, torch.Tensor]:
     """{module: maps (T, d_out, d_in)} for every module called once on (1, T, d_in) that the probe shows
-    position-wise; run inside `without_biases`, so that each map is linear. Others are left out (run as recorded)."""
+    position-wise; run inside `without_biases`, so that each map is linear. Others are left out (run as recorded),
+    as is a module whose replay on the identity fails (an in-place op on what the shortcut returns, say)."""
     maps = {}
     for module, seen in calls.items():
-        if len(seen) != 1 or not _composable(seen[0]):
+        if len(seen) != 1 or not _composable(seen[0]) or seen[0].hidden.dtype not in PROBE_TOLERANCE:
             continue
         call = seen[0]
         _, n_tokens, d_in = call.hidden.shape
         eye = torch.eye(d_in, dtype=call.hidden.dtype, device=call.hidden.device)
         basis = eye[:, None, :].expand(d_in, n_tokens, d_in).contiguous()  # (d_in, T, d_in): e_k at every token
+        probe = torch.randn(call.hidden.shape, generator=torch.Generator().manual_seed(0),
+                            dtype=call.hidden.dtype).to(call.hidden.device)
         lin.identity_input = basis  # its first product is the weight itself: no (T·d_in, d_in) GEMM by I
         try:
             columns = _replayed(lin, module, basis, call)  # (d_in, T, d_out): M_t e_k
+            lin.identity_input = None
+            direct = _replayed(lin, module, probe, call)  # (1, T, d_out)
+        except ReplayError:
+            continue
         finally:
             lin.identity_input = None
-        probe = torch.randn(call.hidden.shape, generator=torch.Generator().manual_seed(0),
-                            dtype=call.hidden.dtype).to(call.hidden.device)
-        direct = _replayed(lin, module, probe, call)  # (1, T, d_out)
         with lin.bypassed():  # engine arithmetic on the replay's results: constants from here on, untagged
             composed = columns.permute(1, 2, 0).contiguous()  # (T, d_out, d_in)
             error = relative_error(direct, apply_maps(probe, composed))
@@ -158,10 +172,11 @@ def composed(lin: OpLinearization, maps: dict[nn.Module, torch.Tensor]) -> Itera
                 if hidden.dim() != 3 or window.shape[0] != hidden.shape[1]:
                     raise ReplayError(f"a composed MLP got hidden states of shape {tuple(hidden.shape)} in the "
                                       f"token window {lin.start}…: not the (B, W, d) of a replay of its record")
-                out = apply_maps(hidden, window, stand_in.gradient_token)
+                token = None if stand_in.gradient_token is None else stand_in.gradient_token - lin.start  # in window
+                out = apply_maps(hidden, window, token)
                 if stand_in.noise:
                     noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
-                    noise[:, stand_in.gradient_token] = 0
+                    noise[:, token] = 0
                     out = out + noise.to(out.device)
             lin.tags[out] = L
             return out

@@ -29,7 +29,9 @@ from lllm.errors import ReplayError, UnsupportedModelError
 from lllm.kernel.jacobian import relative_error, reverse_jacobian
 from lllm.kernel.oplevel import OpLinearization, additive_duals, detached
 from lllm.kernel.parts import DecoderParts, decoder_parts
-from lllm.kernel.positionwise import StandIn, calls_of, compose, composed, only_own_token_read, worth_composing
+from lllm.kernel.positionwise import (
+    StandIn, calls_of, compose, composed, hooked, only_own_token_read, worth_composing,
+)
 from lllm.kernel.tracing import LayerTrace, causal_basis, component_module, has_biases, without_biases
 
 
@@ -155,7 +157,7 @@ def replayed_jacobians(model: nn.Module, tokenizer, r: ReadoutRequest, kinds: Se
     start, n_tokens, d_in = time.perf_counter(), len(r.token_ids), r.x0.shape[-1]
     parts = decoder_parts(model)
     readouts = Readouts(parts, r.layers, r.components, r.position, through_norm)
-    mlps = mlp_modules(parts, r.layers[-1] + 1)
+    mlps = [m for m in mlp_modules(parts, r.layers[-1] + 1) if not hooked(m)]  # before lllm adds its own hooks
     with detached(model, mlp_split=r.mlp_split) as lin:
         x = r.x0.clone().requires_grad_(True)  # with grad, also when only recording: an escaped tensor is refused
         with lin.recording(), torch.enable_grad(), calls_of(mlps) as calls:
@@ -249,8 +251,8 @@ def _replayed_vjps(lin: OpLinearization, parts: DecoderParts, trace: LayerTrace,
             with torch.enable_grad():
                 with lin.replay():
                     outs = run(h, r.position)
-                for comp in r.components:  # every row in one batched VJP: one layer's graph is small
-                    rows = reverse_jacobian(outs[comp][0], h, outs[comp].shape[-1], False, "")
+                for comp in r.components:  # batched VJPs of as many rows as the sweep's memory budget holds
+                    rows = reverse_jacobian(outs[comp][0], h, r.chunk_size, False, "")
                     jac[(ell, comp)].copy_(rows[:, 0])
         finally:
             stand_in.gradient_token = None

@@ -77,3 +77,17 @@ def test_composing_is_skipped_where_it_would_not_pay():
     assert not worth_composing(7, 2, 30, 576, 576, torch.float32, cpu)  # few tangents reach each token
     assert not worth_composing(7, 7, 30, 576, 576, torch.float16, cpu)  # half precision keeps the recorded ops
     assert not worth_composing(10**6, 10**6, 30, 576, 576, torch.float32, cpu)  # the maps would not fit
+
+
+def test_an_mlp_with_a_users_hook_runs_as_recorded():
+    """A forward hook on the MLP module itself would act twice on a composed map (once inside it, once on its
+    output): such a module is not composed, and a hook on a module inside the MLP acts once either way."""
+    model = _model()
+    handles = [model.model.layers[0].mlp.register_forward_hook(lambda module, args, out: 2 * out),
+               model.model.layers[1].mlp.up_proj.register_forward_hook(lambda module, args, out: 3 * out)]
+    try:
+        both = _against_reverse(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert both["cumulative"].meta["composed_mlps"] == model.config.num_hidden_layers - 1
