@@ -43,16 +43,23 @@ def _gram(matrix: torch.Tensor, what: str, dtype: torch.dtype = torch.float64) -
     """
     if matrix.ndim != 2 or matrix.shape[0] > matrix.shape[1]:
         raise LLLMError(f"{what} needs a wide 2-D matrix (m ≤ n), got shape {tuple(matrix.shape)}")
-    if not bool(torch.isfinite(matrix.detach()).all()):
-        raise LLLMError(f"{what}: the matrix holds NaN or inf; it has no singular values")
     wide = matrix.detach().to(dtype)
     if wide.device.type != "cpu":
-        return wide @ wide.mT
-    from scipy.linalg import blas
+        gram = wide @ wide.mT
+    else:
+        from scipy.linalg import blas
 
-    syrk = blas.dsyrk if dtype == torch.float64 else blas.ssyrk
-    rows = wide.numpy()  # (m, n) row-major: the column-major (n, m) Aᵀ that BLAS reads without a copy
-    return torch.from_numpy(syrk(1.0, rows.T, trans=1, lower=1))  # (Aᵀ)ᵀ Aᵀ = A Aᵀ, its lower triangle
+        syrk = blas.dsyrk if dtype == torch.float64 else blas.ssyrk
+        rows = wide.numpy()  # (m, n) row-major: the column-major (n, m) Aᵀ that BLAS reads without a copy
+        gram = torch.from_numpy(syrk(1.0, rows.T, trans=1, lower=1))  # (Aᵀ)ᵀ Aᵀ = A Aᵀ, its lower triangle
+    # the diagonal Σⱼ Aᵢⱼ² is NaN or inf exactly where row i holds one (or its squares overflow `dtype`): an
+    # (m,) check in place of one over all m·n entries
+    if not bool(torch.isfinite(gram.diagonal()).all()):
+        if not bool(torch.isfinite(matrix.detach()).all()):
+            raise LLLMError(f"{what}: the matrix holds NaN or inf; it has no singular values")
+        raise LLLMError(f"{what}: the squares of the matrix's entries overflow {dtype}; it has no singular values "
+                        "in that precision")
+    return gram
 
 
 def _eigenvalues(gram: torch.Tensor) -> torch.Tensor:

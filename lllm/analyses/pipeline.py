@@ -26,6 +26,7 @@ from lllm.kernel.jacobian import (
     relative_error, text_config, tokenize,
 )
 from lllm.analyses.generation import top_next_tokens
+from lllm.kernel.heap import retained_heap
 from lllm.kernel.layers import (
     COMPONENTS, METHODS, LayerJacobians, cumulative_jacobians, final_from_cumulative, layer_jacobians,
 )
@@ -114,6 +115,7 @@ def layer_groups(model: nn.Module, n_tokens: int, layers: Sequence[int], compone
     return [list(layers[i:i + size]) for i in range(0, len(layers), size)]
 
 
+@retained_heap()  # its thousands of large temporaries reuse freed memory instead of faulting it back in
 def analyze(
     model: nn.Module,
     tokenizer,
@@ -217,6 +219,7 @@ def layer_stable_ranks(jacobians: LayerJacobians, component: str) -> list[float]
     return dec.stable_ranks_wide(jac.reshape(*jac.shape[:2], -1))
 
 
+@retained_heap()
 def prompt_row(
     model: nn.Module,
     tokenizer,

@@ -220,10 +220,12 @@ def default_chunk_size(model: nn.Module, n_tokens: int, dtype: torch.dtype) -> i
     return max(1, min(64, d_out, fit, lean))
 
 
-def reverse_jacobian(y: torch.Tensor, x: torch.Tensor, chunk_size: int, progress: bool, desc: str) -> torch.Tensor:
-    """J = ∂y/∂x: (d_out, *x.shape), by batched VJPs over chunks of `chunk_size` output rows."""
+def reverse_jacobian(y: torch.Tensor, x: torch.Tensor, chunk_size: int, progress: bool, desc: str,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """J = ∂y/∂x: (d_out, *x.shape), by batched VJPs over chunks of `chunk_size` output rows, written into `out`
+    where given (a caller's buffer of that shape: no second copy)."""
     d_out = y.shape[0]
-    jac = torch.empty((d_out, *x.shape), dtype=x.dtype, device=x.device)  # on the model's device
+    jac = torch.empty((d_out, *x.shape), dtype=x.dtype, device=x.device) if out is None else out  # model's device
     eye = torch.eye(d_out, dtype=y.dtype, device=y.device)
     starts = range(0, d_out, chunk_size)
     for start in tqdm(starts, desc=desc, disable=not progress, unit="chunk", leave=False):

@@ -34,6 +34,7 @@ from lllm.errors import ReplayError, UnsupportedModelError
 from lllm.kernel.jacobian import (
     JacobianResult, embed, final_hidden, refusing_raw_errors, relative_error, self_check, text_config, tokenize,
 )
+from lllm.kernel.heap import retained_heap
 from lllm.kernel.oplevel import detached
 from lllm.kernel.readouts import (
     LayerJacobians, ReadoutRequest, basis_layerwise, replayed_jacobians, reverse_cumulative, reverse_layerwise,
@@ -122,6 +123,7 @@ def layerwise_jacobians(model: nn.Module, tokenizer, prompt_or_ids,
 
 
 @grad_enabled
+@retained_heap()  # see lllm.kernel.heap: a sweep's chunks reuse freed memory instead of faulting it back in
 def layer_jacobians(model: nn.Module, tokenizer, prompt_or_ids, *, through_norm: bool = True,
                     **options: Unpack[ReadoutOptions]) -> dict[str, LayerJacobians]:
     """Both readouts of one prompt, {"cumulative": …, "layerwise": …}: the numbers of `cumulative_jacobians` and

@@ -173,17 +173,19 @@ class LinearizingMode(OpRules, TorchFunctionMode):
             return self._tag(h * self._narrowed(values["g"], h.shape), A)
         if kind == "norm":
             h, _, weight, bias, _ = norm_arguments(values["name"], args, kwargs)
-            inv = self._narrowed(values["inv"], h.shape)
+            inv = spread_last_axis(self._narrowed(values["inv"], h.shape), h)
             live = (h - h.mean(values["dims"], keepdim=True)) * inv if values["center"] else h * inv
             live = live if weight is None else live * weight
             return self._tag(live if bias is None else live + bias, entry.tag)
         if kind == "sdpa":
             bound = sdpa_arguments(args, kwargs)
             q, k, v = bound["query"], bound["key"], bound["value"]
-            probs = self._narrowed(values["P"], (*q.shape[:-1], k.shape[-2]))
+            probs = self._narrowed(values["P"], (*q.shape[:-1], k.shape[-2])).to(v.dtype)
+            if shared_frozen_factor((probs, v), F):
+                return self._tag(shared_probs_times_values(probs[0], v), L)
             if v.shape[-3] != probs.shape[-3]:
                 v = v.repeat_interleave(probs.shape[-3] // v.shape[-3], -3)
-            return self._tag(probs.to(v.dtype) @ v, L)
+            return self._tag(probs @ v, L)
         if kind == "substitute":
             args, kwargs = mutable_arguments(args, kwargs)
             for slot, value in values.items():
@@ -195,6 +197,14 @@ class LinearizingMode(OpRules, TorchFunctionMode):
             # (d_in, T, d_out), rows contiguous: what multiplies it next comes out contiguous, a plain GEMM's input
             out = weight.mT.contiguous()[:, None, :].expand(*args[0].shape[:-1], weight.shape[0])
             return self._tag(out if bias is None else out + bias, entry.tag or L)
+        if name in ("mul", "__mul__", "__rmul__") and len(args) == 2 and not kwargs and all(
+                isinstance(t, torch.Tensor) for t in args):  # eager RMSNorm's h * rsqrt(…)
+            a, b = args
+            a = spread_last_axis(a, b) if lin.tags.get(a) == F else a
+            args = (a, spread_last_axis(b, a) if lin.tags.get(b) == F else b)
+        if (name in ("matmul", "__matmul__") and len(args) == 2 and shared_frozen_factor(args, lin.tags.get(args[0]))
+                and args[1].shape[1] in (1, args[0].shape[1])):  # matmul broadcasts one key head, never groups
+            return self._tag(shared_probs_times_values(args[0][0], args[1]), entry.tag)  # eager attention's P @ v
         if entry.tag is not None:  # linear in its live inputs, out of place: run it, tag as recorded
             return self._tag(func(*args, **kwargs), entry.tag)
         return RUN
@@ -260,3 +270,34 @@ class LinearizingMode(OpRules, TorchFunctionMode):
             f"embeddings, and {why}. lllm cannot prove the detached Jacobian exact there, so it refuses rather "
             "than return a silently wrong number."
         )
+
+
+def spread_last_axis(factor, other):
+    """A frozen factor of last axis 1, e.g. a norm's 1/rms (1, W, 1), laid out (1, W, d) as `other` (B, W, d) when
+    that costs no more than `other` itself: the same products, but a broadcast over the leading axis instead of the
+    last runs ~6× faster, forward and in the VJPs' backward."""
+    if (isinstance(factor, torch.Tensor) and isinstance(other, torch.Tensor) and factor.dim() <= other.dim()
+            and factor.dim() and factor.shape[-1] == 1 < other.shape[-1]
+            and factor.numel() * other.shape[-1] <= other.numel()):
+        return factor.expand(*factor.shape[:-1], other.shape[-1]).contiguous()
+    return factor
+
+
+def shared_frozen_factor(operands, left_tag: str | None) -> bool:
+    """Whether operands are a frozen (1, H, W, W') factor and a batch of replayed rows (B, KV, W', hd), H = KV·g."""
+    left, right = operands
+    return (left_tag == F and isinstance(right, torch.Tensor) and left.dim() == right.dim() == 4
+            and left.shape[0] == 1 < right.shape[0] and left.shape[1] % right.shape[1] == 0
+            and left.shape[-1] == right.shape[-2] and left.dtype == right.dtype)
+
+
+def shared_probs_times_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """P @ v for one frozen softmax P (H, W, W) shared by a batch of replayed values v (B, KV, W, hd), H = KV·g.
+
+    Broadcasting P over the batch runs B·H tiny (W, W) products; grouping the g query heads of each key head
+    and the batch into one GEMM per key head, (g·W, W) @ (W, B·hd), gives the same sums ~3× faster."""
+    B, KV, W, hd = v.shape
+    H = probs.shape[0]
+    v_grouped = v.permute(1, 2, 0, 3).reshape(KV, W, B * hd)  # (KV, W, B·hd)
+    out = torch.bmm(probs.reshape(KV, H // KV * W, W), v_grouped)  # (KV, g·W, B·hd)
+    return out.view(KV, H // KV, W, B, hd).permute(3, 0, 1, 2, 4).reshape(B, H, W, hd)  # (B, H, W, hd)

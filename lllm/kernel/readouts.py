@@ -252,8 +252,7 @@ def _replayed_vjps(lin: OpLinearization, parts: DecoderParts, trace: LayerTrace,
                 with lin.replay():
                     outs = run(h, r.position)
                 for comp in r.components:  # batched VJPs of as many rows as the sweep's memory budget holds
-                    rows = reverse_jacobian(outs[comp][0], h, r.chunk_size, False, "")
-                    jac[(ell, comp)].copy_(rows[:, 0])
+                    reverse_jacobian(outs[comp][0], h, r.chunk_size, False, "", out=jac[(ell, comp)][:, None])
         finally:
             stand_in.gradient_token = None
     return torch.stack(inputs)
@@ -278,7 +277,7 @@ def reverse_cumulative(model: nn.Module, tokenizer, r: ReadoutRequest, through_n
         d_out = targets[r.keys[0]].shape[0]
         stacked, jac = allocate(r.layers, r.components, (d_out, n_tokens, d_in), r.x0.dtype, r.x0.device)
         for k in tqdm(r.keys, desc="cumulative J⁺ (reverse)", disable=not r.progress, leave=False):
-            jac[k].copy_(reverse_jacobian(targets[k], x, min(64, d_out), False, ""))
+            reverse_jacobian(targets[k], x, min(64, d_out), False, "", out=jac[k])
         lin.mark_live(r.x0)
         bias = additive_term(model, readouts, r.x0[None].clone())
         report = lin.report()
@@ -325,7 +324,7 @@ def _layerwise(model, tokenizer, r: ReadoutRequest, method: str) -> LayerJacobia
                 for comp in r.components:
                     lin.check_linear(outs[comp], f"the {comp} output of layer {ell}")
                     targets[(ell, comp)], bias[(ell, comp)] = outs[comp][0].detach(), None if c is None else c[comp]
-                    jac[(ell, comp)].copy_(reverse_jacobian(outs[comp][0], h, min(64, d_out), False, "")[:, 0])
+                    reverse_jacobian(outs[comp][0], h, min(64, d_out), False, "", out=jac[(ell, comp)][:, None])
                 continue
             for comp in r.components:
                 targets[(ell, comp)] = trace.outputs[(ell, comp)][0, r.position].detach()

@@ -310,3 +310,20 @@ def test_left_spectrum_matches_the_full_svd_of_a_wide_matrix():
 def test_singular_values_wide_match_the_full_svd():
     matrix = torch.randn(16, 120, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(dec.singular_values_wide(matrix), torch.linalg.svdvals(matrix), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_spectra_refuse_a_matrix_with_nan_or_inf(bad):
+    matrix = torch.randn(6, 40, dtype=torch.float32, generator=torch.Generator().manual_seed(1))
+    matrix[4, 17] = bad
+    for call in (dec.singular_values_wide, lambda m: dec.left_spectrum(m, 2), lambda m: dec.stable_ranks_wide(m[None])):
+        with pytest.raises(LLLMError, match="NaN or inf"):
+            call(matrix)
+
+
+def test_stable_ranks_refuse_a_float32_gram_that_overflows():
+    matrix = torch.randn(6, 40, dtype=torch.float32, generator=torch.Generator().manual_seed(2))
+    matrix[2, 3] = 1e30  # finite, but its square is not a float32
+    with pytest.raises(LLLMError, match="overflow torch.float32"):
+        dec.stable_ranks_wide(matrix[None])
+    assert dec.singular_values_wide(matrix)[0] > 0  # the float64 Gram holds it

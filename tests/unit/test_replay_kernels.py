@@ -1,0 +1,86 @@
+"""The replay's fast forms of shared frozen factors, the caller's buffer of reverse_jacobian, and the retained heap."""
+
+import pytest
+import torch
+
+from lllm.kernel import heap
+from lllm.kernel.jacobian import reverse_jacobian
+from lllm.kernel.mode import shared_frozen_factor, shared_probs_times_values, spread_last_axis
+from lllm.kernel.optable import F, L
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(6, 6), (6, 2), (4, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shared_probs_times_values_is_the_broadcast_product(heads, kv_heads, dtype):
+    gen = torch.Generator().manual_seed(heads + kv_heads)
+    probs = torch.rand(1, heads, 5, 5, generator=gen, dtype=dtype).softmax(-1)  # (1, H, W, W)
+    v = torch.randn(8, kv_heads, 5, 3, generator=gen, dtype=dtype)  # (B, KV, W, hd)
+    assert shared_frozen_factor((probs, v), F)
+    expected = probs @ v.repeat_interleave(heads // kv_heads, 1)
+    got = shared_probs_times_values(probs[0], v)
+    assert got.shape == expected.shape == (8, heads, 5, 3)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-15)
+
+
+def test_shared_frozen_factor_is_only_a_frozen_batch_one_left_operand():
+    probs, v = torch.rand(1, 4, 5, 5), torch.randn(8, 2, 5, 3)
+    assert not shared_frozen_factor((probs, v), L)  # a live left operand: the ordinary product
+    assert not shared_frozen_factor((probs.expand(8, 4, 5, 5), v), F)  # one factor per batch row
+    assert not shared_frozen_factor((probs, v[:1]), F)  # batch 1: nothing to share
+    assert not shared_frozen_factor((probs, torch.randn(8, 3, 5, 3)), F)  # 3 key heads do not group 4
+    assert not shared_frozen_factor((probs.double(), v), F)  # the ordinary product's dtype rules
+
+
+def test_spread_last_axis_gives_the_same_products():
+    inv, h = torch.rand(1, 5, 1), torch.randn(7, 5, 6)
+    spread = spread_last_axis(inv, h)
+    assert spread.shape == (1, 5, 6) and spread.is_contiguous()
+    assert torch.equal(h * spread, h * inv) and torch.equal(spread * h, inv * h)
+    assert spread_last_axis(torch.rand(7, 5, 1), torch.randn(1, 5, 6)).shape == (7, 5, 1)  # larger than h: kept
+    assert spread_last_axis(torch.rand(1, 5, 6), h).shape == (1, 5, 6)  # no axis of size 1: kept
+
+
+def test_reverse_jacobian_writes_into_the_callers_buffer():
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 12, dtype=torch.float64)
+    y = w @ x.reshape(-1)
+    out = torch.full((5, 3, 4), float("nan"), dtype=torch.float64)
+    assert reverse_jacobian(y, x, 2, False, "", out=out) is out
+    torch.testing.assert_close(out, w.reshape(5, 3, 4), rtol=0, atol=0)
+
+
+class FakeLibc:
+    """Records mallopt/malloc_trim calls in place of glibc."""
+
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_retained_heap_sets_once_when_nested_and_trims_on_the_way_out(monkeypatch):
+    libc = FakeLibc()
+    monkeypatch.setattr(heap, "_LIBC", libc)
+    with heap.retained_heap():
+        with heap.retained_heap():
+            assert libc.calls == [("mallopt", heap.M_MMAP_THRESHOLD, heap.MMAP_INSIDE),
+                                  ("mallopt", heap.M_TRIM_THRESHOLD, heap.RETAINED)]
+        assert len(libc.calls) == 2  # the inner exit leaves the outer's setting
+    assert libc.calls[2:] == [("mallopt", heap.M_MMAP_THRESHOLD, heap.MMAP_AFTER),
+                              ("mallopt", heap.M_TRIM_THRESHOLD, heap.TRIM_AFTER), ("malloc_trim", 0)]
+    with pytest.raises(ValueError), heap.retained_heap():  # an error inside still restores
+        raise ValueError
+    assert libc.calls[-1] == ("malloc_trim", 0) and heap._depth == 0
+
+
+def test_retained_heap_is_a_no_op_without_glibc(monkeypatch):
+    monkeypatch.setattr(heap, "_LIBC", None)
+    with heap.retained_heap():
+        assert heap._depth == 0
+
