@@ -642,16 +642,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"case {case}", flush=True)
         body = case_d(bench, args.out) if case == "d" else globals()[f"case_{case}"](bench)
         sections[case] = body + (
-            f"\n\n*Run {started.isoformat(timespec='minutes')}, `{command}`, {args.model} float32 on {config.device}, "
+            f"\n\n*Run {started.isoformat(timespec='minutes')}, `{command}`, {args.model} float32 on {config.device} "
+            f"({dict(machine())['CPU']}), "
             f"{(time.perf_counter() - clock) / 60:.1f} min; load average (1/5/15 min) {load_start} at the start of "
             f"the case, {load_average()} at its end; {psutil.virtual_memory().available / GIB:.1f} GiB available at "
             "the end.*")
     header = "\n".join([
         "# lllm against the reference method",
         "",
-        "Written by `benchmarks/harness.py` (do not edit by hand); each case's section says when and how it "
-        "ran. The machine is shared with other jobs: the load averages are what the timings ran under, and "
-        "the ratios (methods alternating under the same load) say more than the absolute seconds.",
+        "Written by `benchmarks/harness.py` (do not edit by hand); each case's section says when, how and on "
+        "which CPU it ran (a footer that names none: an AMD EPYC, where every case ran before 2026-12-04); the "
+        "table below is the machine of the latest run. The machine is shared with other jobs: the load averages "
+        "are what the timings ran under, and the ratios (methods alternating under the same load) say more than "
+        "the absolute seconds.",
         "",
         "| machine | |",
         "|---|---|",

@@ -13,6 +13,7 @@ set to the ceiling the dynamic regime itself reaches (blocks up to 32 MiB from t
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import threading
 from contextlib import contextmanager
@@ -22,6 +23,9 @@ MMAP_INSIDE = 256 << 20  # inside, blocks up to 256 MiB come from the heap (a la
 MMAP_AFTER = 32 << 20  # the dynamic regime's ceiling: a block above it is always mapped on its own
 TRIM_AFTER = 2 * MMAP_AFTER  # and its trim threshold at that mmap threshold
 RETAINED = 2**31 - 1  # inside, trim only above 2 GiB (mallopt takes an int): freed memory is kept for reuse
+
+# a user who tuned the allocator (glibc reads these at start) keeps their settings
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 _lock = threading.Lock()
 _depth = 0  # nested or concurrent analyses (Dask threads) share one setting: the outermost exit restores it
@@ -45,13 +49,15 @@ _LIBC = _libc()
 def retained_heap():
     """Inside: freed blocks up to 256 MiB stay in the heap for the next allocation. On exit: the heap is trimmed."""
     global _depth
-    if _LIBC is None:
+    if _LIBC is None or any(os.environ.get(name) for name in USER_SETTINGS) or "glibc.malloc" in os.environ.get(
+            "GLIBC_TUNABLES", ""):
         yield
         return
     with _lock:
         _depth += 1
         if _depth == 1:
-            _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_INSIDE)
+            if not _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_INSIDE):  # older glibc (2.26) refuses more than 32 MiB
+                _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_AFTER)
             _LIBC.mallopt(M_TRIM_THRESHOLD, RETAINED)
     try:
         yield

@@ -21,7 +21,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from lllm.errors import (
-    LinearizationError, LLLMError, MemoryBudgetError, PromptError, StopForward, UnsupportedModelError,
+    ArgumentError, LinearizationError, LLLMError, MemoryBudgetError, PromptError, StopForward, UnsupportedModelError,
 )
 from lllm.kernel.oplevel import MLP_SPLITS, additive_duals, additive_parameters, detached
 from lllm.validation import check_choice, check_chunk_size, check_position, grad_enabled, token_id_list
@@ -225,6 +225,8 @@ def reverse_jacobian(y: torch.Tensor, x: torch.Tensor, chunk_size: int, progress
     """J = ∂y/∂x: (d_out, *x.shape), by batched VJPs over chunks of `chunk_size` output rows, written into `out`
     where given (a caller's buffer of that shape: no second copy)."""
     d_out = y.shape[0]
+    if out is not None and out.shape != (d_out, *x.shape):
+        raise ArgumentError(f"reverse_jacobian: out has shape {tuple(out.shape)}, J has {(d_out, *x.shape)}")
     jac = torch.empty((d_out, *x.shape), dtype=x.dtype, device=x.device) if out is None else out  # model's device
     eye = torch.eye(d_out, dtype=y.dtype, device=y.device)
     starts = range(0, d_out, chunk_size)

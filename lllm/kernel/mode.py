@@ -202,7 +202,8 @@ class LinearizingMode(OpRules, TorchFunctionMode):
             a, b = args
             a = spread_last_axis(a, b) if lin.tags.get(a) == F else a
             args = (a, spread_last_axis(b, a) if lin.tags.get(b) == F else b)
-        if (name in ("matmul", "__matmul__") and len(args) == 2 and shared_frozen_factor(args, lin.tags.get(args[0]))
+        if (name in ("matmul", "__matmul__") and len(args) == 2 and not kwargs
+                and shared_frozen_factor(args, lin.tags.get(args[0]))
                 and args[1].shape[1] in (1, args[0].shape[1])):  # matmul broadcasts one key head, never groups
             return self._tag(shared_probs_times_values(args[0][0], args[1]), entry.tag)  # eager attention's P @ v
         if entry.tag is not None:  # linear in its live inputs, out of place: run it, tag as recorded
@@ -292,12 +293,12 @@ def shared_frozen_factor(operands, left_tag: str | None) -> bool:
 
 
 def shared_probs_times_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """P @ v for one frozen softmax P (H, W, W) shared by a batch of replayed values v (B, KV, W, hd), H = KV·g.
+    """P @ v for one frozen softmax P (H, Wq, Wk) shared by a batch of replayed values v (B, KV, Wk, hd), H = KV·g.
 
-    Broadcasting P over the batch runs B·H tiny (W, W) products; grouping the g query heads of each key head
-    and the batch into one GEMM per key head, (g·W, W) @ (W, B·hd), gives the same sums ~3× faster."""
-    B, KV, W, hd = v.shape
-    H = probs.shape[0]
-    v_grouped = v.permute(1, 2, 0, 3).reshape(KV, W, B * hd)  # (KV, W, B·hd)
-    out = torch.bmm(probs.reshape(KV, H // KV * W, W), v_grouped)  # (KV, g·W, B·hd)
-    return out.view(KV, H // KV, W, B, hd).permute(3, 0, 1, 2, 4).reshape(B, H, W, hd)  # (B, H, W, hd)
+    Broadcasting P over the batch runs B·H tiny (Wq, Wk) products; grouping the g query heads of each key head
+    and the batch into one GEMM per key head, (g·Wq, Wk) @ (Wk, B·hd), gives the same sums ~3× faster."""
+    B, KV, Wk, hd = v.shape
+    H, Wq = probs.shape[0], probs.shape[1]  # queries Wq, keys Wk (the same in lllm's own token windows)
+    v_grouped = v.permute(1, 2, 0, 3).reshape(KV, Wk, B * hd)  # (KV, Wk, B·hd)
+    out = torch.bmm(probs.reshape(KV, H // KV * Wq, Wk), v_grouped)  # (KV, g·Wq, B·hd)
+    return out.view(KV, H // KV, Wq, B, hd).permute(3, 0, 1, 2, 4).reshape(B, H, Wq, hd)  # (B, H, Wq, hd)

@@ -9,16 +9,16 @@ from lllm.kernel.mode import shared_frozen_factor, shared_probs_times_values, sp
 from lllm.kernel.optable import F, L
 
 
-@pytest.mark.parametrize("heads, kv_heads", [(6, 6), (6, 2), (4, 1)])
+@pytest.mark.parametrize("heads, kv_heads, queries", [(6, 6, 5), (6, 2, 5), (4, 1, 5), (6, 2, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_shared_probs_times_values_is_the_broadcast_product(heads, kv_heads, dtype):
+def test_shared_probs_times_values_is_the_broadcast_product(heads, kv_heads, queries, dtype):
     gen = torch.Generator().manual_seed(heads + kv_heads)
-    probs = torch.rand(1, heads, 5, 5, generator=gen, dtype=dtype).softmax(-1)  # (1, H, W, W)
-    v = torch.randn(8, kv_heads, 5, 3, generator=gen, dtype=dtype)  # (B, KV, W, hd)
+    probs = torch.rand(1, heads, queries, 5, generator=gen, dtype=dtype).softmax(-1)  # (1, H, Wq, Wk)
+    v = torch.randn(8, kv_heads, 5, 3, generator=gen, dtype=dtype)  # (B, KV, Wk, hd)
     assert shared_frozen_factor((probs, v), F)
     expected = probs @ v.repeat_interleave(heads // kv_heads, 1)
     got = shared_probs_times_values(probs[0], v)
-    assert got.shape == expected.shape == (8, heads, 5, 3)
+    assert got.shape == expected.shape == (8, heads, queries, 3)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-15)
 
 
@@ -49,6 +49,13 @@ def test_reverse_jacobian_writes_into_the_callers_buffer():
     torch.testing.assert_close(out, w.reshape(5, 3, 4), rtol=0, atol=0)
 
 
+@pytest.fixture(autouse=True)
+def untuned_allocator(monkeypatch):
+    """No MALLOC_* settings of the user's, which retained_heap leaves alone."""
+    for name in (*heap.USER_SETTINGS, "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+
+
 class FakeLibc:
     """Records mallopt/malloc_trim calls in place of glibc."""
 
@@ -76,11 +83,32 @@ def test_retained_heap_sets_once_when_nested_and_trims_on_the_way_out(monkeypatc
                               ("mallopt", heap.M_TRIM_THRESHOLD, heap.TRIM_AFTER), ("malloc_trim", 0)]
     with pytest.raises(ValueError), heap.retained_heap():  # an error inside still restores
         raise ValueError
-    assert libc.calls[-1] == ("malloc_trim", 0) and heap._depth == 0
+    assert len(libc.calls) == 10 and libc.calls[-1] == ("malloc_trim", 0) and heap._depth == 0
+
+
+def test_retained_heap_leaves_a_heap_it_could_not_set_or_the_user_set(monkeypatch):
+    class OldGlibc(FakeLibc):  # glibc before 2.35 refuses an mmap threshold above 32 MiB
+        def mallopt(self, param, value):
+            super().mallopt(param, value)
+            return int(param != heap.M_MMAP_THRESHOLD or value <= 32 << 20)
+
+    libc = OldGlibc()
+    monkeypatch.setattr(heap, "_LIBC", libc)
+    with heap.retained_heap():
+        pass
+    assert [c[2] for c in libc.calls if c[:2] == ("mallopt", heap.M_MMAP_THRESHOLD)][:2] == [
+        heap.MMAP_INSIDE, heap.MMAP_AFTER]  # refused, then glibc's own ceiling
+    assert ("mallopt", heap.M_TRIM_THRESHOLD, heap.RETAINED) in libc.calls and heap._depth == 0
+    libc = FakeLibc()
+    monkeypatch.setattr(heap, "_LIBC", libc)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
+    with heap.retained_heap():
+        pass
+    assert libc.calls == []  # the user's own allocator settings stand
 
 
 def test_retained_heap_is_a_no_op_without_glibc(monkeypatch):
     monkeypatch.setattr(heap, "_LIBC", None)
     with heap.retained_heap():
-        assert heap._depth == 0
+        assert heap._depth == 0  # not even counted
 
