@@ -39,7 +39,8 @@ def test_committed_sweep_row_matches_a_recomputation(name, fixture, request):
     # the model's own float32 forward, not the analysis: its logits round differently on another CPU's GEMM kernels
     # (rows computed on an AMD EPYC, recomputed on an Intel Xeon: Gemma 3's probabilities 1.4e-5 apart, relative),
     # and a probability's relative error is its logit's absolute error, so they are compared as log-probabilities
-    # to 1e-4, ~30× a 30-sized logit's float32 rounding. A wrong token, softcap or prompt is off by far more.
+    # to 1e-4, ~50× the float32 rounding of a logit of size 30 (1.8e-6). A wrong token, softcap or prompt is off
+    # by far more.
     np.testing.assert_allclose(np.log(fresh["next_probs"]), np.log(row["next_probs"]), rtol=0, atol=LOGIT_ATOL)
     np.testing.assert_allclose(fresh["u_singular_values"], row["u_singular_values"], rtol=RTOL)
     np.testing.assert_allclose(fresh["stable_rank"], row["stable_rank"], rtol=RTOL)
