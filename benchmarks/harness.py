@@ -95,21 +95,36 @@ QUICK = Config(reps_a=1, reps=1, tokens_b=16, tokens_c=16, chunks_c=(4, 16), tok
 # ---------------------------------------------------------------------------------------------
 
 
+# "shape-smollm2-135m": SmolLM2-135M's Llama config (as lllm.load builds it) with random weights, for a machine
+# without the embedded weights (the GPU check): the same shapes, hence the same operations for the full J⁺ and
+# the reference (the matrix-free top-k iterates, and its iterations depend on the weights' spectrum).
+SHAPES = {
+    "smollm2-135m": ("llama", dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        head_dim=64, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2)),
+}
+
+
 def load_model(name: str, device: str = "cpu") -> tuple[torch.nn.Module, object]:
-    """(model, tokenizer) in float32 on `device`: an lllm.load name, or "tiny-<family>" (tests/tiny.py) for smoke
-    runs."""
-    if name.startswith("tiny-"):
+    """(model, tokenizer) in float32 on `device`: an lllm.load name, "shape-<name>" (SHAPES: random weights) or
+    "tiny-<family>" (tests/tiny.py) for smoke runs."""
+    if name.startswith(("tiny-", "shape-")):
         sys.path.insert(0, str(ROOT / "tests"))
         from tiny import IdsTokenizer
         from lllm.apps.zoo import tiny_model
 
-        return tiny_model(name.removeprefix("tiny-"), torch.float32).to(device), IdsTokenizer()
+        if name.startswith("shape-") and name.removeprefix("shape-") not in SHAPES:
+            raise SystemExit(f"harness: no shape {name!r}; known: {', '.join('shape-' + n for n in SHAPES)}")
+        family, overrides = SHAPES[name.removeprefix("shape-")] if name.startswith("shape-") else (name[5:], {})
+        return tiny_model(family, torch.float32, **overrides).to(device), IdsTokenizer()
     return lllm.load(name, dtype=torch.float32, device=device)
 
 
 def prompt_ids(model: torch.nn.Module, tokenizer, name: str, n_tokens: int | None) -> list[int]:
     """The paper's prompt (n_tokens None), else the first n_tokens of the prose TEXT, repeated past its end."""
-    if name.startswith("tiny-"):  # IdsTokenizer has no text: fixed ids spread over the vocabulary
+    if name.startswith(("tiny-", "shape-")):  # IdsTokenizer has no text: fixed ids spread over the vocabulary
         return [(3 + 7 * i) % model.config.vocab_size for i in range(7 if n_tokens is None else n_tokens)]
     if n_tokens is None:
         return tokenizer(PROMPT)["input_ids"]
@@ -611,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a fast smoke configuration")
     parser.add_argument("--cases", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
-    parser.add_argument("--model", default="smollm2-135m", help="an lllm.load name, or tiny-<family> for smoke tests")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="an lllm.load name, shape-<name> (random weights of its shape) or tiny-<family>")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="directory for RESULTS.md and the plot")
     parser.add_argument("--reps-a", type=int, help="in-process repetitions of case a (default 3; quick 1)")
     parser.add_argument("--reps", type=int, help="in-process repetitions of case d's short prompts (default 3)")

@@ -107,7 +107,8 @@ def tiny_architecture(name: str, dtype: torch.dtype = torch.float32, seed: int =
 
 
 def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):
-    """A few-thousand-parameter random model of `family`, in eval mode, weights scaled to be non-trivial."""
+    """A random model of `family` (a few thousand parameters, unless `overrides` name larger sizes), in eval mode,
+    weights scaled to be non-trivial."""
     config_cls, model_cls, extra = FAMILY_CONFIGS[family]
     config = config_cls(**{**COMMON, **extra, **overrides})
     torch.manual_seed(seed)

@@ -12,8 +12,9 @@ from torch.utils._pytree import tree_map
 from lllm.errors import CoverageError, ReplayError
 from lllm.kernel import optable as ops
 from lllm.kernel.opargs import (
-    Entry, RUN, get_slot, map_tensors, modeling_caller, mutable_arguments, narrow_to_window, norm_arguments,
-    on_meta, op_name, put_slot, sdpa_arguments, target_written, tensors_in,
+    Entry, RUN, broadcast_shape, concatenated_shape, get_slot, map_tensors, metadata_signature, modeling_caller,
+    mutable_arguments, narrow_to_window, norm_arguments, on_meta, op_name, put_slot, reduced_shape, sdpa_arguments,
+    target_written, tensors_in,
 )
 from lllm.kernel.optable import C, F, L, A, N, LIVE
 from lllm.kernel.rules import OpRules
@@ -155,14 +156,14 @@ class LinearizingMode(OpRules, TorchFunctionMode):
                 f"the replayed forward diverged from the recorded one at op {key[1]} of module {key[0]!r}: recorded "
                 f"{entry.name if entry else 'nothing'!r}, now {name!r}; use the reverse method for this model")
         if key not in lin.needed:  # it only feeds frozen values: shapes are enough
-            return self._dead(func, args, kwargs)
+            return self._dead_remembered(func, args, kwargs, name, key)
         kind, values = entry.kind, entry.values
         if kind == "plain" and any(t.is_meta for t in tensors):  # frozen kinds read only their live inputs
             raise ReplayError(f"op {name!r} of {key[0]!r} needs a value the replay skipped: a frozen value was "
                                      "recorded on a path the analysis missed; use the reverse method")
         if kind == "frozen":
             if name in ops.SHAPE_PRESERVING_FREEZES and tensors and isinstance(values["out"], torch.Tensor):
-                shape = torch.broadcast_shapes(*(t.shape for t in tensors))  # the result's shape, inputs broadcast
+                shape = broadcast_shape(*(t.shape for t in tensors))  # the result's shape, inputs broadcast
                 return self._tag(self._narrowed(values["out"], shape), F)
             shapes = self._dead(func, args, kwargs)
             out = tree_map(lambda v, m: self._narrowed(v, m.shape) if isinstance(v, torch.Tensor) else v,
@@ -230,8 +231,14 @@ class LinearizingMode(OpRules, TorchFunctionMode):
             dtype = tensors[0].dtype  # float tensors of one dtype here; python scalars do not widen them
             for t in tensors[1:]:
                 dtype = torch.promote_types(dtype, t.dtype) if t.is_floating_point() else dtype
-            shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+            shape = broadcast_shape(*(t.shape for t in tensors))
             return self._tag(torch.empty(shape, dtype=dtype, device="meta"), N)
+        reduced = reduced_shape(name, args, kwargs)
+        if reduced is not None and args[0].is_floating_point():  # a float sum or mean keeps its dtype
+            return self._tag(torch.empty(reduced, dtype=args[0].dtype, device="meta"), N)
+        joined = concatenated_shape(name, args, kwargs)
+        if joined is not None:
+            return self._tag(torch.empty(joined, dtype=args[0][0].dtype, device="meta"), N)
         if name == "linear":
             weight = args[1] if len(args) > 1 else kwargs["weight"]
             return self._tag(torch.empty((*args[0].shape[:-1], weight.shape[0]), dtype=args[0].dtype, device="meta"), N)
@@ -239,6 +246,25 @@ class LinearizingMode(OpRules, TorchFunctionMode):
         if isinstance(result, torch.device) and result.type == "meta":
             return self.lin.device
         return self._tag(result, N)
+
+    def _dead_remembered(self, func, args, kwargs, name, key):
+        """`_dead`, its result's metadata remembered per (op key, input metadata) within one token window
+        (`OpLinearization.replay`): a meta computation reads nothing else, so the chunks of a window pay for it once.
+        Results other than meta tensors (a device, a number) are not remembered."""
+        signature = None if target_written(name, args) else metadata_signature(args, kwargs)
+        remembered = self.lin.dead_results.get((key, signature)) if signature is not None else None
+        if remembered is not None:
+            single, metas = remembered
+            made = [torch.empty_strided(shape, stride, dtype=dtype, device="meta", requires_grad=grad)
+                    for shape, stride, dtype, grad in metas]
+            return self._tag(made[0] if single else tuple(made), N)
+        result = self._dead(func, args, kwargs)
+        single = isinstance(result, torch.Tensor)
+        leaves = [result] if single else list(result) if type(result) is tuple else [None]
+        if signature is not None and all(isinstance(t, torch.Tensor) and t.is_meta for t in leaves):
+            self.lin.dead_results[(key, signature)] = (
+                single, [(t.shape, t.stride(), t.dtype, t.requires_grad) for t in leaves])
+        return result
 
     def _note_indices(self, tensors) -> None:
         """x-dependent integer indices selecting live rows (MoE routing) tie the replay to batch 1."""

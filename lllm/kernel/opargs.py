@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from lllm.kernel import optable as ops
 from lllm.kernel.optable import A, L, LIVE, N
@@ -96,6 +96,79 @@ def target_written(name: str, args) -> bool:
     """True for an in-place op (add_, __iadd__, __setitem__, copy_) on a tensor."""
     inplace = name == "__setitem__" or name.startswith("__i") or (name.endswith("_") and not name.endswith("__"))
     return inplace and bool(args) and isinstance(args[0], torch.Tensor)
+
+
+def broadcast_shape(*shapes) -> tuple:
+    """torch.broadcast_shapes for concrete shapes, without its symbolic-shape machinery (~45 µs a call)."""
+    first = tuple(shapes[0])
+    if all(tuple(s) == first for s in shapes[1:]):
+        return first
+    out = []
+    for axis in range(-max(len(s) for s in shapes), 0):
+        sizes = {s[axis] for s in shapes if len(s) >= -axis} - {1}
+        if len(sizes) > 1:
+            raise RuntimeError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
+
+
+def reduced_shape(name: str, args, kwargs) -> tuple | None:
+    """The result's shape of sum or mean over given dims (None for any other call: the meta kernel decides)."""
+    if name not in ("mean", "sum") or not args or not isinstance(args[0], torch.Tensor) or len(args) > 3:
+        return None
+    if set(kwargs) - {"dim", "keepdim"}:
+        return None
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    dims = (dim,) if type(dim) is int else tuple(dim) if isinstance(dim, (tuple, list)) and dim else None
+    if dims is None or not all(type(d) is int for d in dims) or type(keepdim) is not bool:
+        return None
+    shape, n = args[0].shape, args[0].dim()
+    if not all(-n <= d < n for d in dims):
+        return None
+    cut = {d % n for d in dims}
+    if len(cut) != len(dims):  # a dim named twice: torch's error, from the meta kernel
+        return None
+    return tuple(1 if i in cut else size for i, size in enumerate(shape) if keepdim or i not in cut)
+
+
+def concatenated_shape(name: str, args, kwargs) -> tuple | None:
+    """The result's shape of cat on tensors of one dtype and rank (None for any other call)."""
+    if name not in ("cat", "concat", "concatenate") or len(args) not in (1, 2) or set(kwargs) - {"dim"}:
+        return None
+    parts, dim = args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    if not isinstance(parts, (list, tuple)) or not parts or type(dim) is not int:
+        return None
+    if not all(isinstance(t, torch.Tensor) and t.dim() == parts[0].dim() > 0 and t.dtype == parts[0].dtype
+               for t in parts) or not -parts[0].dim() <= dim < parts[0].dim():
+        return None
+    dim %= parts[0].dim()
+    if any(t.shape[:dim] != parts[0].shape[:dim] or t.shape[dim + 1:] != parts[0].shape[dim + 1:] for t in parts):
+        return None  # the meta kernel raises its own error
+    return (*parts[0].shape[:dim], sum(t.shape[dim] for t in parts), *parts[0].shape[dim + 1:])
+
+
+def metadata_signature(args, kwargs) -> tuple | None:
+    """What an op's meta computation reads: each tensor's shape, strides, dtype, device type and requires_grad, the
+    grad mode, and every other argument, which must be hashable (None where one is not: the result is then not
+    remembered)."""
+    leaves, spec = tree_flatten((args, kwargs))
+    signature = [spec, torch.is_grad_enabled()]
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            signature.append((leaf.shape, leaf.stride(), leaf.dtype, leaf.device.type, leaf.requires_grad))
+        elif isinstance(leaf, slice) and all(v is None or type(v) is int for v in (leaf.start, leaf.stop, leaf.step)):
+            signature.append(("slice", leaf.start, leaf.stop, leaf.step))  # slices hash only from Python 3.12
+        elif leaf is None or leaf is Ellipsis or isinstance(leaf, (bool, int, float, str, torch.dtype, torch.device)):
+            signature.append((type(leaf), leaf))  # the type too: 1, 1.0 and True hash alike
+        else:
+            return None
+    signature = tuple(signature)
+    try:
+        hash(signature)
+    except TypeError:  # an unhashable spec context
+        return None
+    return signature
 
 
 RUN = object()  # _replay's answer for an op that is linear in its live inputs: run it as it is

@@ -77,6 +77,8 @@ class OpLinearization:
     deps: dict = field(default_factory=dict)  # key -> keys whose outputs it reads live
     needed: set | None = None  # keys a replay must compute; the others run on the meta device
     inplace: set = field(default_factory=set)  # keys of in-place writes: always computed (views share storage)
+    dead_results: dict = field(default_factory=dict)  # (key, input metadata) -> a dead op's result metadata
+    dead_window: tuple | None = None  # the token window (start, stop) whose dead results are kept
     counts: dict = field(default_factory=dict)  # module path -> live ops recorded there: a replay must match
     batch_safe: bool = True  # False when x-dependent indices select live rows (MoE): no batched replay
     bypass: bool = False  # ops run untouched (a composed map standing in for a replayed module)
@@ -110,6 +112,7 @@ class OpLinearization:
     def recording(self) -> Iterator[None]:
         """Record the frozen values of the forwards run inside (then call `finish_record`)."""
         self.entries.clear(), self.deps.clear(), self.counters.clear(), self.inplace.clear()
+        self.dead_results.clear()
         self.producer, self.needed, self.record, self.batch_safe = WeakIdKeyDictionary(), None, True, True
         try:
             yield
@@ -137,6 +140,7 @@ class OpLinearization:
     def load(self, recording: Recording) -> None:
         """Replay `recording` (from `recorded()`) in this context."""
         self.entries, self.needed = dict(recording.entries), set(recording.needed)
+        self.dead_results.clear()
         self.batch_safe, self.counts = recording.batch_safe, dict(recording.counts)
 
     @contextmanager
@@ -144,6 +148,9 @@ class OpLinearization:
         """One replayed pass: the recorded frozen values, their token axes cut to tokens start…stop-1."""
         if self.needed is None:
             raise LinearizationError("nothing is recorded to replay; run a forward under recording() first")
+        if (start, stop) != self.dead_window:  # a dead op's shapes hold for one token window: keep one window's
+            self.dead_results.clear()
+            self.dead_window = (start, stop)
         self.replaying, self.start, self.stop = True, start, stop
         self.counters.clear()
         try:

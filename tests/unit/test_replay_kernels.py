@@ -1,4 +1,5 @@
-"""The replay's fast forms of shared frozen factors, the caller's buffer of reverse_jacobian, and the retained heap."""
+"""The replay's fast forms of shared frozen factors and of dead ops' shapes, the caller's buffer of reverse_jacobian,
+and the retained heap."""
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch
 from lllm.kernel import heap
 from lllm.kernel.jacobian import reverse_jacobian
 from lllm.kernel.mode import shared_frozen_factor, shared_probs_times_values, spread_last_axis
+from lllm.kernel.opargs import broadcast_shape, concatenated_shape, metadata_signature, reduced_shape
 from lllm.kernel.optable import F, L
 
 
@@ -112,3 +114,69 @@ def test_retained_heap_is_a_no_op_without_glibc(monkeypatch):
     with heap.retained_heap():
         assert heap._depth == 0  # not even counted
 
+
+def test_the_dead_ops_fast_shapes_are_the_meta_kernels_shapes():
+    """broadcast_shape, reduced_shape and concatenated_shape stand in for meta kernels on ops that only feed frozen
+    values: they must give the same shapes, refuse what does not broadcast, and decline what they do not cover."""
+    shapes = [(), (1,), (3,), (2, 1), (2, 3), (1, 3), (4, 1, 3), (4, 2, 1), (2, 2)]
+    for a in shapes:
+        for b in shapes:
+            try:
+                expected = tuple(torch.broadcast_shapes(a, b))
+            except RuntimeError:
+                with pytest.raises(RuntimeError):
+                    broadcast_shape(a, b)
+                continue
+            assert broadcast_shape(a, b) == expected
+    x = torch.empty(2, 3, 4, device="meta")
+    for name in ("mean", "sum"):
+        for dim in (0, -1, (0, 2), [1], (-1, -3)):
+            for keepdim in (True, False):
+                expected = tuple(getattr(x, name)(dim, keepdim=keepdim).shape)
+                assert reduced_shape(name, (x, dim), {"keepdim": keepdim}) == expected
+                assert reduced_shape(name, (x, dim, keepdim), {}) == expected
+    assert reduced_shape("mean", (x,), {}) is None and reduced_shape("mean", (x, 3), {}) is None  # all, out of range
+    assert reduced_shape("mean", (x, -1), {"dtype": torch.float64}) is None
+    assert reduced_shape("amax", (x, 0), {}) is None and reduced_shape("sum", (x, (0, -3)), {}) is None  # twice
+    y = torch.empty(2, 5, 4, device="meta")
+    assert concatenated_shape("cat", ([x, y], 1), {}) == tuple(torch.cat([x, y], 1).shape)
+    assert concatenated_shape("cat", ((x, x),), {"dim": -1}) == tuple(torch.cat((x, x), -1).shape)
+    assert concatenated_shape("cat", ([x, y],), {}) is None  # sizes differ off the axis: the meta kernel's error
+    assert concatenated_shape("cat", ([x, x.double()], 0), {}) is None  # dtypes promote: the meta kernel decides
+
+
+def test_metadata_signature_keys_on_what_a_meta_kernel_reads():
+    a, b = torch.zeros(2, 3), torch.ones(2, 3)
+    assert metadata_signature((a, slice(0, 2), 1), {"dim": -1}) == metadata_signature((b, slice(0, 2), 1), {"dim": -1})
+    assert metadata_signature((a, 1), {}) != metadata_signature((a, 1.0), {})  # 1 and 1.0 hash alike
+    assert metadata_signature((a,), {}) != metadata_signature((a.t().contiguous().t(),), {})  # strides differ
+    assert metadata_signature((a,), {"x": object()}) is None  # not hashable: never remembered
+    assert metadata_signature((a, slice(torch.tensor(0), 2)), {}) is None
+
+
+def test_a_sweep_computes_each_dead_ops_shape_once_per_window_and_the_same_numbers(monkeypatch):
+    """Chunks of one token window meet the same dead ops with the same shapes: the meta kernels run for the first
+    chunk alone, and the Jacobians are bit for bit those computed without remembering."""
+    from lllm.kernel import mode
+    from lllm.kernel.layers import cumulative_jacobians
+    from tiny import IdsTokenizer, tiny_model
+
+    model, ids = tiny_model("llama"), [5, 17, 3, 40, 9]
+    counts = {"dead": 0, "kept": 0}
+    run_dead = mode.LinearizingMode._dead
+
+    def counted(self, func, args, kwargs):
+        counts["dead"] += 1
+        counts["kept"] = max(counts["kept"], len(self.lin.dead_results))
+        return run_dead(self, func, args, kwargs)
+
+    monkeypatch.setattr(mode.LinearizingMode, "_dead", counted)
+    remembered = cumulative_jacobians(model, IdsTokenizer(), ids, method="forward", chunk_size=8, progress=False)
+    with_memo, kept = counts["dead"], counts["kept"]
+    assert 0 < kept and kept * 4 < with_memo  # one window's shapes are kept at a time, not all five windows'
+    counts["dead"] = 0
+    monkeypatch.setattr(mode, "metadata_signature", lambda args, kwargs: None)  # nothing remembered
+    computed = cumulative_jacobians(model, IdsTokenizer(), ids, method="forward", chunk_size=8, progress=False)
+    assert with_memo * 2 < counts["dead"]  # d = 32 in chunks of 8: four chunks per window, meta kernels once
+    for comp in computed.jacobian:
+        assert torch.equal(remembered.jacobian[comp], computed.jacobian[comp])
