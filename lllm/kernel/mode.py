@@ -156,7 +156,9 @@ class LinearizingMode(OpRules, TorchFunctionMode):
                 f"the replayed forward diverged from the recorded one at op {key[1]} of module {key[0]!r}: recorded "
                 f"{entry.name if entry else 'nothing'!r}, now {name!r}; use the reverse method for this model")
         if key not in lin.needed:  # it only feeds frozen values: shapes are enough
-            return self._dead_remembered(func, args, kwargs, name, key)
+            if lin.remember_dead:
+                return self._dead_remembered(func, args, kwargs, name, key)
+            return self._dead(func, args, kwargs)
         kind, values = entry.kind, entry.values
         if kind == "plain" and any(t.is_meta for t in tensors):  # frozen kinds read only their live inputs
             raise ReplayError(f"op {name!r} of {key[0]!r} needs a value the replay skipped: a frozen value was "

@@ -79,6 +79,7 @@ class OpLinearization:
     inplace: set = field(default_factory=set)  # keys of in-place writes: always computed (views share storage)
     dead_results: dict = field(default_factory=dict)  # (key, input metadata) -> a dead op's result metadata
     dead_window: tuple | None = None  # the token window (start, stop) whose dead results are kept
+    remember_dead: bool = False  # this pass remembers dead ops' shapes: more passes of its window follow
     counts: dict = field(default_factory=dict)  # module path -> live ops recorded there: a replay must match
     batch_safe: bool = True  # False when x-dependent indices select live rows (MoE): no batched replay
     bypass: bool = False  # ops run untouched (a composed map standing in for a replayed module)
@@ -144,14 +145,17 @@ class OpLinearization:
         self.batch_safe, self.counts = recording.batch_safe, dict(recording.counts)
 
     @contextmanager
-    def replay(self, start: int = 0, stop: int | None = None) -> Iterator[None]:
-        """One replayed pass: the recorded frozen values, their token axes cut to tokens start…stop-1."""
+    def replay(self, start: int = 0, stop: int | None = None, remember_dead: bool = False) -> Iterator[None]:
+        """One replayed pass: the recorded frozen values, their token axes cut to tokens start…stop-1.
+        `remember_dead` where other passes of the same window follow (a forward sweep in chunks): they reuse the
+        dead ops' shapes; a window replayed once would pay for the signatures and never read them (~1 s per
+        SmolLM2 analysis)."""
         if self.needed is None:
             raise LinearizationError("nothing is recorded to replay; run a forward under recording() first")
         if (start, stop) != self.dead_window:  # a dead op's shapes hold for one token window: keep one window's
             self.dead_results.clear()
             self.dead_window = (start, stop)
-        self.replaying, self.start, self.stop = True, start, stop
+        self.replaying, self.start, self.stop, self.remember_dead = True, start, stop, remember_dead
         self.counters.clear()
         try:
             yield
@@ -162,7 +166,7 @@ class OpLinearization:
         except RuntimeError as error:  # a recorded batch-1 value reshaped with the batch (Falcon's ALiBi scores)
             raise ReplayError(f"the recorded forward cannot be replayed on this batch ({error})") from error
         finally:
-            self.replaying, self.start, self.stop = False, 0, None
+            self.replaying, self.start, self.stop, self.remember_dead = False, 0, None, False
 
     @contextmanager
     def bypassed(self) -> Iterator[None]:

@@ -56,7 +56,8 @@ class LayerJacobians:
         """Σᵢ J_ℓ,ᵢ xᵢ (+ c) for every layer: (L, d_out)."""
         x = self.inputs if self.kind == "layerwise" else self.inputs.expand(len(self.layers), *self.inputs.shape)
         jac = self.jacobian[component]
-        y_hat = (jac.reshape(*jac.shape[:2], -1) @ x.reshape(x.shape[0], -1, 1))[..., 0]  # (L, d_out)
+        # one matrix-vector product per layer: a batched matmul with one column runs ~6× slower on the CPU
+        y_hat = torch.stack([m.reshape(m.shape[0], -1) @ v.reshape(-1) for m, v in zip(jac, x)])  # (L, d_out)
         return y_hat if self.bias is None else y_hat + self.bias[component]
 
     def relative_errors(self, component: str) -> list[float]:
@@ -224,8 +225,9 @@ def _replayed_biases(model, lin, readouts, parts, trace, r, kinds) -> dict[str, 
 def forward_sweep(lin: OpLinearization, cut: Readouts, r: ReadoutRequest, jac: dict) -> None:
     """Fill `jac` with the columns J⁺e_(i,k): the replayed network applied to the causal basis, chunk by chunk."""
     chunks = list(causal_basis(r.position, r.x0.shape[-1], r.chunk_size, r.x0.dtype, r.x0.device))
+    several = r.chunk_size < r.x0.shape[-1]  # passes per token window: more than one reuse dead ops' shapes
     for i, ks, basis in tqdm(chunks, desc="cumulative J⁺ (forward)", disable=not r.progress, leave=False):
-        with lin.replay(i, r.position + 1):
+        with lin.replay(i, r.position + 1, remember_dead=several):
             columns = cut(basis)
         block = slice(int(ks[0]), int(ks[-1]) + 1)  # ks is a range of features
         for k in r.keys:

@@ -180,3 +180,14 @@ def test_a_sweep_computes_each_dead_ops_shape_once_per_window_and_the_same_numbe
     assert with_memo * 2 < counts["dead"]  # d = 32 in chunks of 8: four chunks per window, meta kernels once
     for comp in computed.jacobian:
         assert torch.equal(remembered.jacobian[comp], computed.jacobian[comp])
+    signatures = {"n": 0}
+
+    def counted_signature(args, kwargs):
+        signatures["n"] += 1
+
+    monkeypatch.setattr(mode, "metadata_signature", counted_signature)
+    counts["kept"] = 0
+    whole = cumulative_jacobians(model, IdsTokenizer(), ids, method="forward", chunk_size=32, progress=False)
+    assert signatures["n"] == 0 and counts["kept"] == 0  # one pass per window: nothing to reuse, nothing computed
+    for comp in computed.jacobian:
+        torch.testing.assert_close(whole.jacobian[comp], computed.jacobian[comp], rtol=1e-6, atol=1e-6)
