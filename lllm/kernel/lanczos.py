@@ -1,10 +1,11 @@
-"""The leading eigenvector of a symmetric positive semi-definite matrix by Lanczos, for σ_max of a wide Jacobian.
+"""The top left singular vector of a wide matrix by Lanczos on M Mᵀ, for σ_max of a wide Jacobian.
 
-A stable rank needs σ²_max of a (d, T·d) map alone: the top eigenpair of its (d, d) Gram matrix. LAPACK's syevr
-reduces the whole matrix to tridiagonal form first (~7 ms for d = 576, 180 times per SmolLM2 analysis); Lanczos
-needs a few dozen products with it (~0.1 ms each) where σ₁ stands clear of σ₂, as in these maps. Its answer is
-accepted only when the residual ‖G y − θ y‖, recomputed in float64 from the matrix itself, is below `tol`·θ;
-else the caller asks LAPACK.
+A stable rank needs σ²_max of a (d, T·d) map alone: the top eigenpair of M Mᵀ. Forming that Gram matrix costs
+d²·T·d products (~16 ms for SmolLM2's (576, 4032) maps on one core, 180 times per analysis) and LAPACK's syevr
+then reduces it to tridiagonal form. Lanczos needs only products v ↦ M (Mᵀ v), two matrix-vector products that read
+M once each (~0.4 ms), and converges in about a dozen steps where σ₁ stands clear of σ₂, as in these maps. Its
+answer is accepted only when the residual ‖M Mᵀ y − θ y‖, recomputed from the matrix itself, is below
+`ACCEPT`·tol·θ; else the caller asks LAPACK.
 """
 
 from __future__ import annotations
@@ -12,24 +13,28 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-TOL = 1e-9  # residual of the accepted pair, relative to θ: syevr's float32 vector carries ~1e-7
+# the recurrence's residual estimate at which a pair is taken, relative to θ, by the matrix's precision: float32
+# products carry ~1e-7 of rounding, so 1e-6 is as close as their residual can come
+TOL = {torch.float32: 1e-6, torch.float64: 1e-10}
+ACCEPT = 10  # the true residual, recomputed, may exceed the estimate by this factor (the products' rounding)
 MAX_STEPS = 64  # beyond that, the gap is too small for Lanczos to pay: LAPACK decides
 CHECK_EVERY = 4  # steps between convergence tests (each solves the small tridiagonal problem)
 
 
-def leading_eigenvector(gram: torch.Tensor, tol: float = TOL, max_steps: int = MAX_STEPS) -> torch.Tensor | None:
-    """The unit eigenvector (m,) float64 of the largest eigenvalue of a symmetric PSD matrix of which only the lower
-    triangle need be filled (on the CPU); None where Lanczos has not converged to tol within max_steps, for m < 8,
-    for a matrix holding NaN or inf, or on another device."""
-    m = gram.shape[0]
-    if gram.device.type != "cpu" or m < 2 * CHECK_EVERY:
+def leading_left_singular_vector(matrix: torch.Tensor, max_steps: int = MAX_STEPS) -> torch.Tensor | None:
+    """The unit vector u (m,) float64 of the largest singular value of a wide float32 or float64 matrix (m, n ≥ m),
+    by Lanczos on M Mᵀ with products in the matrix's precision; None where Lanczos has not converged within
+    max_steps, for m < 8, another dtype, a zero matrix, or one holding NaN or inf (or whose products overflow)."""
+    m = matrix.shape[0]
+    if matrix.dtype not in TOL or m < 2 * CHECK_EVERY:
         return None
-    from scipy.linalg import blas, eigh_tridiagonal
+    from scipy.linalg import eigh_tridiagonal
 
-    # float64 products: the residual test then sees the matrix, not rounding; column-major, as BLAS reads it (a
-    # row-major array would be copied by every product)
-    g = np.asfortranarray(gram.detach().to(torch.float64).numpy())
-    product = lambda v: blas.dsymv(1.0, g, v, lower=1)  # noqa: E731  G v from the lower triangle alone
+    def product(v: np.ndarray) -> np.ndarray:  # M (Mᵀ v): (m,) float64 out, the products in M's precision
+        u = torch.from_numpy(v).to(device=matrix.device, dtype=matrix.dtype)
+        return (matrix @ (matrix.mT @ u)).to(torch.float64).cpu().numpy()
+
+    tol = TOL[matrix.dtype]
     steps = min(max_steps, m)
     basis = np.zeros((steps + 1, m))  # the Krylov basis q₀ … q_j as rows, kept orthonormal
     alphas, betas = np.zeros(steps), np.zeros(steps)
@@ -37,7 +42,7 @@ def leading_eigenvector(gram: torch.Tensor, tol: float = TOL, max_steps: int = M
     basis[0] = start / np.linalg.norm(start)
     for j in range(steps):
         w = product(basis[j])
-        if not np.isfinite(w).all():  # NaN or inf in the lower triangle reaches every product
+        if not np.isfinite(w).all():  # NaN or inf in M reaches every product
             return None
         alphas[j] = basis[j] @ w
         for _ in range(2):  # full reorthogonalization, twice ("twice is enough"): no ghost copies of θ
@@ -51,7 +56,7 @@ def leading_eigenvector(gram: torch.Tensor, tol: float = TOL, max_steps: int = M
             if exhausted or abs(betas[j] * s[-1, 0]) <= tol * theta[0]:  # the recurrence's residual estimate
                 y = basis[:j + 1].T @ s[:, 0]
                 y /= np.linalg.norm(y)
-                if np.linalg.norm(product(y) - theta[0] * y) <= tol * theta[0]:  # and the true one
+                if np.linalg.norm(product(y) - theta[0] * y) <= ACCEPT * tol * theta[0]:  # and the true one
                     return torch.from_numpy(y)
         if exhausted:
             return None

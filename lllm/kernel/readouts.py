@@ -30,7 +30,7 @@ from lllm.kernel.jacobian import relative_error, reverse_jacobian
 from lllm.kernel.oplevel import OpLinearization, additive_duals, detached
 from lllm.kernel.parts import DecoderParts, decoder_parts
 from lllm.kernel.positionwise import (
-    StandIn, calls_of, compose, composed, hooked, only_own_token_read, worth_composing,
+    StandIn, calls_of, compose, composed, hooked, linear_stand_ins, own_token_modules, worth_composing,
 )
 from lllm.kernel.tracing import LayerTrace, causal_basis, component_module, has_biases, without_biases
 
@@ -178,7 +178,8 @@ def replayed_jacobians(model: nn.Module, tokenizer, r: ReadoutRequest, kinds: Se
             worth = worth_composing(n_tokens, r.position + 1, len(mlps), d_in, d_in, r.x0.dtype, r.x0.device)
             maps = compose(lin, calls) if worth else {}
         results = {}
-        with without_biases(model), composed(lin, maps) as stand_in:
+        linears = linear_stand_ins(lin, [parts.layers[ell] for ell in r.layers], maps) if "layerwise" in kinds else []
+        with without_biases(model), composed(lin, maps, linears) as stand_in:
             for kind in kinds:
                 clock = time.perf_counter()
                 every_column = kind == "layerwise" or r.position == n_tokens - 1  # what the engine writes
@@ -190,7 +191,7 @@ def replayed_jacobians(model: nn.Module, tokenizer, r: ReadoutRequest, kinds: Se
                         forward_sweep(lin, cut, r, jac)
                     inputs, targets = r.x0, cumulative
                 else:
-                    inputs, targets = _replayed_vjps(lin, parts, trace, r, jac, stand_in, maps), layerwise
+                    inputs, targets = _replayed_vjps(lin, parts, trace, r, jac, stand_in, [*maps, *linears]), layerwise
                 results[kind] = assemble(kind, r.layers, r.components, stacked, targets, biases[kind], inputs,
                                          r.token_ids, tokenizer, through_norm and kind == "cumulative",
                                          "forward" if kind == "cumulative" else "reverse",
@@ -235,20 +236,22 @@ def forward_sweep(lin: OpLinearization, cut: Readouts, r: ReadoutRequest, jac: d
 
 
 def _replayed_vjps(lin: OpLinearization, parts: DecoderParts, trace: LayerTrace, r: ReadoutRequest, jac: dict,
-                   stand_in: StandIn, maps: dict) -> torch.Tensor:
+                   stand_in: StandIn, stand_ins: Sequence[nn.Module]) -> torch.Tensor:
     """Fill `jac` with each layer's rows by batched VJPs of the replayed layer (batch 1, every token): the
-    replay is linear, so its gradient is the layer-wise J⁺. Where the layer reads its composed MLP at `position`
-    alone (probed), the VJPs run through that token's map only. Returns the layers' inputs (L, T, d_in)."""
+    replay is linear, so its gradient is the layer-wise J⁺. Where the layer reads a stand-in's output (its composed
+    MLP, its attention's output projection) at `position` alone (probed), the VJPs run through that token's rows of
+    it only: the rest of its T rows would carry zero gradients. Returns the layers' inputs (L, T, d_in)."""
     inputs = []
     for ell in tqdm(r.layers, desc="layer-wise J⁺ (reverse)", disable=not r.progress, leave=False):
         hidden, kwargs = trace.layer_inputs[ell]
         inputs.append(hidden[0].detach())
         run = LayerRun(parts, ell, r.components, kwargs)
-        mlp = component_module(parts, parts.layers[ell], "mlp") if "mlp" in parts.submodules else None
-        own = mlp in maps and only_own_token_read(lin, stand_in, run, hidden.detach().clone(), r.position)
+        inside = {id(m) for m in parts.layers[ell].modules()}
+        candidates = [m for m in stand_ins if id(m) in inside]
+        stand_in.restricted = own_token_modules(lin, stand_in, run, hidden.detach().clone(), r.position, candidates)
         h = hidden.detach().clone().requires_grad_(True)
         lin.mark_live(h)
-        stand_in.gradient_token = r.position if own else None
+        stand_in.gradient_token = r.position
         try:
             with torch.enable_grad():
                 with lin.replay():
@@ -256,7 +259,7 @@ def _replayed_vjps(lin: OpLinearization, parts: DecoderParts, trace: LayerTrace,
                 for comp in r.components:  # batched VJPs of as many rows as the sweep's memory budget holds
                     reverse_jacobian(outs[comp][0], h, r.chunk_size, False, "", out=jac[(ell, comp)][:, None])
         finally:
-            stand_in.gradient_token = None
+            stand_in.gradient_token, stand_in.restricted = None, set()
     return torch.stack(inputs)
 
 

@@ -91,3 +91,45 @@ def test_an_mlp_with_a_users_hook_runs_as_recorded():
         for handle in handles:
             handle.remove()
     assert both["cumulative"].meta["composed_mlps"] == model.config.num_hidden_layers - 1
+
+
+def _own_token_sets(monkeypatch) -> list[set]:
+    """Spy on the probe of the layer-wise VJPs: which stand-ins each layer reads at the read position alone."""
+    from lllm.kernel import readouts
+
+    seen, probe = [], readouts.own_token_modules
+
+    def spy(*args, **kwargs):
+        seen.append(probe(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(readouts, "own_token_modules", spy)
+    return seen
+
+
+def test_the_vjps_keep_the_output_projection_and_the_mlp_to_the_read_token(monkeypatch):
+    """o_proj and the composed MLP pass the probe (nothing mixes tokens after them); v_proj does not (attention mixes
+    its output), and q_proj and k_proj, which feed only the frozen scores, are not stand-ins at all."""
+    model = _model()
+    seen = _own_token_sets(monkeypatch)
+    _against_reverse(model)
+    assert [{type(m).__name__ if m is not layer.self_attn.o_proj else "o_proj" for m in own}
+            for own, layer in zip(seen, model.model.layers)] == [{"o_proj", "LlamaMLP"}] * len(model.model.layers)
+
+
+def test_a_layer_that_reads_other_tokens_output_projection_keeps_their_gradients(monkeypatch):
+    """Where the attention mixes o_proj's outputs across tokens after it, the probe refuses o_proj in that layer and its
+    VJPs run through every token's rows: the Jacobians still equal the basis sweep's."""
+    model = _model()
+    attention, captured = model.model.layers[2].self_attn, {}
+    handles = [attention.o_proj.register_forward_hook(lambda module, args, out: captured.__setitem__("o", out)),
+               attention.register_forward_hook(lambda module, args, out: (out[0] + 0.5 * _shifted(captured["o"]),
+                                                                          *out[1:]))]
+    seen = _own_token_sets(monkeypatch)
+    try:
+        _against_reverse(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert attention.o_proj not in seen[2] and model.model.layers[2].mlp in seen[2]
+    assert model.model.layers[1].self_attn.o_proj in seen[1]
