@@ -4,8 +4,11 @@ A stable rank needs σ²_max of a (d, T·d) map alone: the top eigenpair of M M�
 d²·T·d products (~16 ms for SmolLM2's (576, 4032) maps on one core, 180 times per analysis) and LAPACK's syevr
 then reduces it to tridiagonal form. Lanczos needs only products v ↦ M (Mᵀ v), two matrix-vector products that read
 M once each (~0.4 ms), and converges in about a dozen steps where σ₁ stands clear of σ₂, as in these maps. Its
-answer is accepted only when the residual ‖M Mᵀ y − θ y‖, recomputed from the matrix itself, is below
-`ACCEPT`·tol·θ; else the caller asks LAPACK.
+answer is accepted only when the residual r = ‖M Mᵀ y − θ y‖, recomputed from the matrix itself, is below
+`ACCEPT`·tol·θ, and the Rayleigh quotient's error that r implies, about r²/(θ₁ − θ₂) with θ₂ the next Ritz value
+(Kato–Temple, the gap estimated from below λ₂), is below `ERROR`·θ; else the caller asks LAPACK. The products are
+not rescaled: matrices whose entries are near float32's range limits (~1e-19 or ~1e19) fail over to LAPACK or,
+where they underflow, lose accuracy as the Gram matrix would.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 # products carry ~1e-7 of rounding, so 1e-6 is as close as their residual can come
 TOL = {torch.float32: 1e-6, torch.float64: 1e-10}
 ACCEPT = 10  # the true residual, recomputed, may exceed the estimate by this factor (the products' rounding)
+ERROR = {torch.float32: 1e-9, torch.float64: 1e-14}  # the Rayleigh quotient's relative error r²/gap allowed
 MAX_STEPS = 64  # beyond that, the gap is too small for Lanczos to pay: LAPACK decides
 CHECK_EVERY = 4  # steps between convergence tests (each solves the small tridiagonal problem)
 
@@ -50,14 +54,16 @@ def leading_left_singular_vector(matrix: torch.Tensor, max_steps: int = MAX_STEP
         betas[j] = np.linalg.norm(w)
         exhausted = betas[j] <= 1e-14 * max(abs(alphas[j]), 1e-300)  # an invariant subspace: exact
         if exhausted or (j + 1) % CHECK_EVERY == 0 or j + 1 == steps:
-            theta, s = eigh_tridiagonal(alphas[:j + 1], betas[:j], select="i", select_range=(j, j))
-            if theta[0] <= 0:
+            thetas, s = eigh_tridiagonal(alphas[:j + 1], betas[:j], select="i", select_range=(max(j - 1, 0), j))
+            theta, below = thetas[-1], thetas[0] if j else 0.0  # the top two Ritz values (ascending)
+            if theta <= 0:
                 return None  # a zero (or numerically indefinite) matrix: LAPACK's answer stands
-            if exhausted or abs(betas[j] * s[-1, 0]) <= tol * theta[0]:  # the recurrence's residual estimate
-                y = basis[:j + 1].T @ s[:, 0]
+            if exhausted or abs(betas[j] * s[-1, -1]) <= tol * theta:  # the recurrence's residual estimate
+                y = basis[:j + 1].T @ s[:, -1]
                 y /= np.linalg.norm(y)
-                if np.linalg.norm(product(y) - theta[0] * y) <= ACCEPT * tol * theta[0]:  # and the true one
-                    return torch.from_numpy(y)
+                residual = np.linalg.norm(product(y) - theta * y)  # and the true one
+                if residual <= ACCEPT * tol * theta and residual ** 2 <= ERROR[matrix.dtype] * theta * (theta - below):
+                    return torch.from_numpy(y)  # else more steps, and in the end LAPACK
         if exhausted:
             return None
         basis[j + 1] = w / betas[j]

@@ -160,6 +160,7 @@ class StandIn:
     gradient_token: int | None = None
     restricted: set = field(default_factory=set)
     noisy: tuple[nn.Module, int] | None = None
+    noise_added: bool = False  # the probed module ran as a stand-in and took the noise (else the probe proves nothing)
 
     def token_of(self, module: nn.Module, start: int) -> int | None:
         """The token within the replay's window (from `start`) whose output of `module` carries the gradient."""
@@ -169,28 +170,37 @@ class StandIn:
         """`out`, plus the probe's noise at every token but the probed one where `module` is probed."""
         if self.noisy is None or self.noisy[0] is not module:
             return out
+        # as large as the output itself (and at least 1): a cross-token coefficient is not rounded away
         noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
         noise[:, self.noisy[1] - start] = 0
-        return out + noise.to(out.device)
+        self.noise_added = True
+        return out + noise.to(out.device) * (1 + out.detach().abs().amax())
 
 
 def linear_stand_ins(lin: OpLinearization, layers: Sequence[nn.Module], maps: dict) -> list[nn.Linear]:
-    """The plain `nn.Linear` modules of `layers` that a replay computes (their one recorded op is needed), outside
-    the composed modules of `maps`: each may keep its gradient to one token (`composed`), where a probe allows."""
+    """The plain `nn.Linear` modules of `layers` that a replay computes (their one recorded op, a plain linear, is
+    needed), outside the composed modules of `maps` and without a forward of their own on the instance (a wrapper
+    the record ran through): each may keep its gradient to one token (`composed`), where a probe allows."""
     paths = {module: path for path, module in lin.model.named_modules()}
     inside = {id(sub) for module in maps for sub in module.modules()}
+
+    def recorded_linear(m: nn.Module) -> bool:
+        entry = lin.entries.get((paths.get(m), 0))
+        return (lin.counts.get(paths.get(m)) == 1 and (paths[m], 0) in lin.needed and entry.name == "linear"
+                and entry.kind == "plain")
+
     return [m for layer in layers for m in layer.modules()
-            if type(m) is nn.Linear and id(m) not in inside and lin.counts.get(paths.get(m)) == 1
-            and (paths[m], 0) in lin.needed and lin.entries[(paths[m], 0)].name == "linear"]
+            if type(m) is nn.Linear and id(m) not in inside and "forward" not in m.__dict__ and recorded_linear(m)]
 
 
 @contextmanager
 def composed(lin: OpLinearization, maps: dict[nn.Module, torch.Tensor],
              linears: Sequence[nn.Linear] = ()) -> Iterator[StandIn]:
     """Within: each module of `maps` runs as its composed map on a replay's token window (tokens lin.start…),
-    outside lllm's interceptor (the ops it would see are not the recorded ones); each of `linears` runs as recorded
-    unless the StandIn restricts its gradient to one token or probes it, then outside the interceptor too (its one op,
-    weight · h, is the recorded one). Restored on exit."""
+    outside lllm's interceptor (the ops it would see are not the recorded ones); each of `linears` runs through the
+    interceptor as recorded unless the StandIn restricts its gradient to one token or probes it, then outside the
+    interceptor (its one op, F.linear(h, weight, bias), is the recorded one; `linear_stand_ins` checks that). Restored
+    on exit."""
     stand_in = StandIn()
 
     def map_forward(module: nn.Module, maps_of_module: torch.Tensor):
@@ -207,11 +217,13 @@ def composed(lin: OpLinearization, maps: dict[nn.Module, torch.Tensor],
         return forward
 
     def linear_forward(module: nn.Linear):
-        def forward(hidden):
+        def forward(*args, **kwargs):
+            hidden = args[0] if len(args) == 1 and not kwargs else kwargs.get("input") if not args else None
             token = stand_in.token_of(module, lin.start)
             probed = stand_in.noisy is not None and stand_in.noisy[0] is module
-            if (token is None and not probed) or hidden.dim() < 2 or hidden.dtype != module.weight.dtype:
-                return nn.Linear.forward(module, hidden)  # as recorded, through the interceptor
+            if ((token is None and not probed) or not isinstance(hidden, torch.Tensor) or hidden.dim() != 3
+                    or hidden.dtype != module.weight.dtype):  # not the (B, W, d) of a replay: as recorded
+                return nn.Linear.forward(module, *args, **kwargs)  # through the interceptor
             with lin.bypassed():
                 out = one_token_gradient(lambda h: nn.functional.linear(h, module.weight, module.bias), hidden, token)
                 out = stand_in.noise_for(module, out, lin.start)
@@ -257,11 +269,11 @@ def own_token_modules(lin: OpLinearization, stand_in: StandIn, run, hidden: torc
 
     plain, own = replayed(), set()
     for module in candidates:
-        stand_in.noisy = (module, position)
+        stand_in.noisy, stand_in.noise_added = (module, position), False
         try:
             moved = replayed()
         finally:
             stand_in.noisy = None
-        if all(torch.equal(plain[k], moved[k]) for k in plain):
+        if stand_in.noise_added and all(torch.equal(plain[k], moved[k]) for k in plain):
             own.add(module)
     return own

@@ -133,3 +133,17 @@ def test_a_layer_that_reads_other_tokens_output_projection_keeps_their_gradients
             handle.remove()
     assert attention.o_proj not in seen[2] and model.model.layers[2].mlp in seen[2]
     assert model.model.layers[1].self_attn.o_proj in seen[1]
+
+
+def test_a_linear_with_a_forward_of_its_own_runs_it(monkeypatch):
+    """An instance's own forward (a wrapper that scales the weight, as a quantization or adapter patch would) is what
+    the record ran: such a Linear is no stand-in, and every readout runs the wrapper."""
+    model = _model()
+    o_proj = model.model.layers[1].self_attn.o_proj
+    o_proj.forward = lambda hidden: torch.nn.functional.linear(hidden, 2 * o_proj.weight, o_proj.bias)
+    seen = _own_token_sets(monkeypatch)
+    try:
+        _against_reverse(model)
+    finally:
+        del o_proj.forward
+    assert o_proj not in seen[1] and model.model.layers[0].self_attn.o_proj in seen[0]
