@@ -125,9 +125,8 @@ def stable_ranks_wide(matrices: torch.Tensor) -> list[float]:
     vector found by Lanczos on M Mᵀ with products in M's own precision (`lllm.kernel.lanczos`: no Gram matrix, about
     a dozen matrix-vector products), else the top eigenvector of the Gram matrix by LAPACK. A Rayleigh quotient falls
     short of σ²_max by Σⱼ (σ²_max − σ²ⱼ)·cⱼ², cⱼ v's components on the other singular vectors: v's error enters
-    squared, about 1e-12 relative where σ₁ stands clear of σ₂ (SmolLM2's 180 maps: ≤ 2e-12 from LAPACK's), and never
-    more than the accepted residual (1e-5 in float32) where it does not. Fig 6C/D's stable ranks this way take a
-    twentieth of an SVD's time.
+    squared, about 1e-12 relative where σ₁ stands clear of σ₂ (SmolLM2's 180 maps: ≤ 2e-12 from LAPACK's); where it
+    does not, Lanczos's estimate r²/gap of that error must stay below 1e-9 (float32), else LAPACK decides.
     """
     if matrices.ndim != 3 or matrices.shape[1] > matrices.shape[2]:
         raise LLLMError(f"stable_ranks_wide needs wide matrices (L, m, n ≥ m), got shape {tuple(matrices.shape)}")
